@@ -35,6 +35,8 @@ class BflSource(Protocol):
     def dtype_tag(self, name: str) -> str: ...
     def get(self, name: str) -> np.ndarray: ...
     def origin(self, name: str) -> str: ...   # "where it comes from", for error messages
+    def nbytes(self, name: str) -> int: ...   # bytes read to produce it
+    def files(self) -> list[Path]: ...
 
 
 class BflFileSource:
@@ -58,6 +60,12 @@ class BflFileSource:
 
     def origin(self, name: str) -> str:
         return f"tensor {name!r} in {self.reader.file_of(name)}"
+
+    def nbytes(self, name: str) -> int:
+        return self.reader.nbytes(name)
+
+    def files(self) -> list[Path]:
+        return [f.path for f in self.reader.files]
 
 
 class DiffusersSource:
@@ -94,6 +102,12 @@ class DiffusersSource:
 
     def get(self, name: str) -> np.ndarray:
         return naming.diffusers_to_bfl(self._tensors[name], self.reader.get)
+
+    def nbytes(self, name: str) -> int:
+        return sum(self.reader.nbytes(d) for d in self._tensors[name].diffusers)
+
+    def files(self) -> list[Path]:
+        return [f.path for f in self.reader.files]
 
     def origin(self, name: str) -> str:
         parts = self._tensors[name].diffusers
@@ -148,20 +162,45 @@ def open_transformer(path: str | Path, config: FluxConfig | Mapping | str | Path
     return DiffusersSource(path, cfg), cfg, {"quantization": "none"}
 
 
-def abstract_model(model_fn) -> tuple[Any, Any, dict, dict[str, Any]]:
-    """(graphdef, state, pure dict, flat dotted name -> ShapeDtypeStruct) without allocating."""
-    graphdef, state = nnx.split(nnx.eval_shape(model_fn))
+def abstract_model(model_fn) -> tuple[nnx.Module, Any, Any, dict, dict[str, Any]]:
+    """(abstract module, graphdef, state, pure dict, flat dotted name -> ShapeDtypeStruct),
+    built with nnx.eval_shape: nothing is allocated."""
+    module = nnx.eval_shape(model_fn)
+    graphdef, state = nnx.split(module)
     pure = nnx.to_pure_dict(state)
-    return graphdef, state, pure, _flat_params(pure)
+    return module, graphdef, state, pure, _flat_params(pure)
 
 
-def expected_tensors(cfg: FluxConfig, flat: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-    """BFL name -> per-layer shape and dtype of every tensor the (abstract) model needs."""
+class DenseCodec:
+    """How model parameters appear on disk: each parameter layer under its BFL name, as is.
+
+    A codec answers, per model parameter, which tensors a folder must hold (names, per-layer
+    shapes and dtypes), how to load them into the parameter, and (for the converter) how to make
+    each stored tensor from a dense source. `flaxflux.ternary.TernaryCodec` extends it."""
+
+    def disk_tensors(self, internal: str, names: list[str], target: Any) -> list[tuple[str, jax.ShapeDtypeStruct]]:
+        shape = target.shape[1:] if naming.is_stacked(internal) else target.shape
+        return [(n, jax.ShapeDtypeStruct(tuple(shape), target.dtype)) for n in names]
+
+    def load(self, internal: str, names: list[str], target: Any, src: BflSource) -> jax.Array:
+        arrays = [src.get(n) for n in names]
+        host = np.stack(arrays) if naming.is_stacked(internal) else arrays[0]
+        return jnp.asarray(host, dtype=target.dtype)
+
+    def encode(self, name: str, src: BflSource) -> np.ndarray:
+        return src.get(name)
+
+    def source_name(self, name: str) -> str:
+        """The dense source tensor a stored tensor is made from."""
+        return name
+
+
+def expected_tensors(flat: Mapping[str, Any], codec: DenseCodec | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Stored name -> per-layer shape and dtype of every tensor the (abstract) model needs."""
+    codec = codec or DenseCodec()
     out = {}
     for internal, (names, target) in naming.param_routes(flat).items():
-        shape = target.shape[1:] if len(names) > 1 or naming.is_stacked(internal) else target.shape
-        for name in names:
-            out[name] = jax.ShapeDtypeStruct(tuple(shape), target.dtype)
+        out.update(codec.disk_tensors(internal, names, target))
     return out
 
 
@@ -201,18 +240,16 @@ def _set_flat(pure: dict, dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-def fill_model(model_fn, src: BflSource, cfg: FluxConfig) -> nnx.Module:
+def fill_model(model_fn, src: BflSource, codec: DenseCodec | None = None) -> nnx.Module:
     """Build `model_fn()` abstractly, validate `src` against it, and fill every parameter.
 
-    Each parameter takes the dtype the abstract model gives it (the model's dtype for weights;
-    uint8 / fp32 for ternary codes and scales); layers of stacked blocks are stacked on host."""
-    graphdef, state, pure, flat = abstract_model(model_fn)
-    check_source(src, expected_tensors(cfg, flat))
+    Parameters take the dtype the abstract model gives them (the model dtype for weights; int8 /
+    fp32 for ternary codes and scales). `codec` says how they are stored (dense by default)."""
+    codec = codec or DenseCodec()
+    _, graphdef, state, pure, flat = abstract_model(model_fn)
+    check_source(src, expected_tensors(flat, codec))
     for internal, (names, target) in naming.param_routes(flat).items():
-        arrays = [src.get(name) for name in names]
-        host = np.stack(arrays) if naming.is_stacked(internal) else arrays[0]
-        _set_flat(pure, internal, jnp.asarray(host, dtype=target.dtype))
-        del arrays, host
+        _set_flat(pure, internal, codec.load(internal, names, target, src))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -226,10 +263,23 @@ def load_transformer(path: str | Path, dtype: Any = jnp.bfloat16,
     dtype=jnp.float32 gives exact comparisons; bf16 is the default.
     """
     src, cfg, info = open_transformer(path, config)
-    if info.get("quantization", "none") != "none":
-        from .ternary import load_ternary_transformer
-        return load_ternary_transformer(src, cfg, info, dtype)
-    return fill_model(lambda: FluxTransformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), src, cfg)
+    model_fn, codec = model_factory(cfg, info, dtype)
+    return fill_model(model_fn, src, codec)
+
+
+def model_factory(cfg: FluxConfig, info: Mapping[str, Any], dtype: Any = jnp.bfloat16):
+    """(function building the model a folder describes, its storage codec) from the component
+    info (`quantization`: "none" | "ternary", with its `granularity`)."""
+    quant = info.get("quantization", "none")
+    if quant == "none":
+        return (lambda: FluxTransformer(cfg, dtype=dtype, rngs=nnx.Rngs(0))), DenseCodec()
+    if quant == "ternary":
+        from .ternary import TernaryCodec, quantize_model
+
+        granularity = info.get("granularity", "tensor")
+        fn = lambda: quantize_model(FluxTransformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), granularity)  # noqa: E731
+        return fn, TernaryCodec.for_model(fn, granularity)
+    raise CheckpointError(f"unknown quantization {quant!r} (this flaxflux knows 'none' and 'ternary')")
 
 
 def save_bfl_file(model: FluxTransformer, path: str | Path) -> None:

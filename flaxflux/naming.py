@@ -199,7 +199,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], base: FluxConfig | None 
     except (KeyError, ValueError) as e:
         if isinstance(e, KeyError):
             raise ValueError(f"cannot infer a FLUX config: tensor {e.args[0]!r} is missing") from e
-        raise ValueError(f"cannot infer a FLUX config from the tensor shapes: {e}; pass config=") from e
+        raise ValueError(f"cannot infer a FLUX config from the tensor shapes: {e}; pass config= "
+                         "(--config with a diffusers config.json)") from e
     return cfg
 
 

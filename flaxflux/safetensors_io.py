@@ -10,6 +10,7 @@ and then streams each tensor's bytes, so peak memory is one tensor, not one shar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -86,13 +87,21 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
 
 
 class SafetensorsFile:
-    """One validated safetensors file, read lazily tensor by tensor as numpy arrays."""
+    """One validated safetensors file, read lazily tensor by tensor as numpy arrays.
+
+    Tensors are read with positioned reads into fresh buffers rather than through safetensors'
+    memory map: pages touched through a map count in the process's RSS until unmapped, so
+    streaming a 10 GB shard that way grows RSS towards 10 GB; a read keeps one tensor resident.
+    `safe_open` still checks the file once when it is opened."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries, self.metadata = read_header(self.path)
+        with open(self.path, "rb") as f:
+            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         try:
-            self._f = safe_open(str(self.path), framework="numpy")
+            with safe_open(str(self.path), framework="numpy"):
+                pass
         except SafetensorError as e:  # anything our own check did not already catch
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
 
@@ -105,12 +114,27 @@ class SafetensorsFile:
     def dtype_tag(self, name: str) -> str:
         return self.entries[name]["dtype"]
 
+    def nbytes(self, name: str) -> int:
+        begin, stop = self.entries[name]["data_offsets"]
+        return stop - begin
+
     def get(self, name: str) -> np.ndarray:
         tag = self.dtype_tag(name)
         if tag not in DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {tag} "
                                   f"(supported: {', '.join(DTYPES)})")
-        return self._f.get_tensor(name)
+        begin, stop = self.entries[name]["data_offsets"]
+        out = np.empty(self.shape(name), DTYPES[tag])
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            got = 0
+            while got < stop - begin:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")
+                got += n
+        return out
 
 
 class TensorReader:
@@ -145,6 +169,10 @@ class TensorReader:
     def dtype_tag(self, name: str) -> str:
         f, raw = self._where[name]
         return f.dtype_tag(raw)
+
+    def nbytes(self, name: str) -> int:
+        f, raw = self._where[name]
+        return f.nbytes(raw)
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
@@ -201,9 +229,14 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
         self.nbytes = 8 + len(blob) + offset
+        self.sha256 = hashlib.sha256()  # of the whole file, computed while writing
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._emit(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
+
+    def _emit(self, data) -> None:
+        self.sha256.update(data)
+        self._f.write(data)
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self._next >= len(self._plan):
@@ -214,7 +247,7 @@ class SafetensorsWriter:
         if array.dtype != DTYPES[tag] or tuple(array.shape) != shape:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {array.dtype}{tuple(array.shape)}, "
                                   f"planned {tag}{shape}")
-        self._f.write(np.ascontiguousarray(array).data)
+        self._emit(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         self._next += 1
 
     def close(self) -> None:

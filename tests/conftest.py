@@ -98,3 +98,11 @@ def reference_forward(ref, x: dict) -> np.ndarray:
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run(model, x: dict) -> np.ndarray:
+    """Forward pass compiled as a whole: much faster on CPU than eager op-by-op dispatch."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, x))

@@ -1,0 +1,79 @@
+"""The transformer component: a BFL file or diffusers folder -> flaxflux transformer/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from flaxflux.loading import (abstract_model, check_source, expected_tensors, model_factory,
+                              open_transformer)
+from flaxflux.model_folder import FORMAT_VERSION
+from flaxflux.safetensors_io import TAGS
+from flaxflux.ternary import TRITS, trits_shape
+
+from .core import Planned, Staging, Summary, write_component
+
+QUANTIZATIONS = ("none", "ternary")
+
+
+def convert_transformer(src_path: Path, staging: Staging, quantize: str, granularity: str,
+                        progress, summary: Summary, config=None) -> None:
+    """Validate the source fully, then stream it into `transformer/`."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    src, cfg, info = open_transformer(src_path, config)
+    if info.get("quantization", "none") != "none":
+        raise ValueError(f"{src_path} is already a converted ({info['quantization']}) flaxflux folder")
+
+    # All checks against the dense model first: nothing is written for a bad source.
+    dense_fn, _ = model_factory(cfg, {"quantization": "none"}, jnp.bfloat16)
+    dense = expected_tensors(abstract_model(dense_fn)[-1])
+    check_source(src, dense)
+
+    comp = {"quantization": quantize, "granularity": granularity} if quantize != "none" else {"quantization": "none"}
+    model_fn, codec = model_factory(cfg, comp, jnp.bfloat16)
+    stored = expected_tensors(abstract_model(model_fn)[-1], codec)
+    plan = []
+    for name, sds in stored.items():
+        origin = codec.source_name(name)
+        n_in = int(np.prod(dense[origin].shape))
+        if name.endswith(TRITS):
+            tag, params = "U8", n_in
+        elif jnp.issubdtype(sds.dtype, jnp.floating) and origin == name:
+            tag, params = src.dtype_tag(name), n_in  # dense tensors keep the source dtype: bit-exact
+        else:
+            tag, params = TAGS[np.dtype(sds.dtype)], int(np.prod(sds.shape))
+        # Source bytes are counted once, on the tensor that reads them.
+        read = src.nbytes(origin) if not name.endswith("weight_scale") else 0
+        plan.append(Planned(name, tag, tuple(sds.shape), read, params))
+
+    metadata = {"format": "flaxflux", "format_version": str(FORMAT_VERSION), "component": "transformer",
+                "quantization": quantize,
+                # Names and sizes identify the source here; its sha256 (hashed meanwhile on the
+                # other core) is recorded in flaxflux.json, written once the hash is known.
+                "source_files": json.dumps({f.name: f.stat().st_size for f in src.files()})}
+    if quantize == "ternary":
+        metadata.update(granularity=granularity, storage="base3-5-per-byte", **pk.layout_metadata())
+    write_component(staging, "transformer", plan, lambda p: codec.encode(p.name, src), metadata, progress, summary)
+
+    config = {"flaxflux_component": "transformer", "config": cfg.to_dict(), **comp}
+    if quantize == "ternary":
+        config.update(storage="base3-5-per-byte", **pk.layout_metadata())
+    config["source_files"] = {f.name: f.stat().st_size for f in src.files()}
+    staging.write_json("transformer/config.json", config)
+
+
+def stored_bytes(cfg, quantize: str, granularity: str = "tensor") -> int:
+    """Bytes of tensor data a converted transformer folder holds (bf16 dense tensors)."""
+    model_fn, codec = model_factory(cfg, {"quantization": quantize, "granularity": granularity}, jnp.bfloat16)
+    total = 0
+    for name, sds in expected_tensors(abstract_model(model_fn)[-1], codec).items():
+        total += int(np.prod(sds.shape)) * np.dtype(sds.dtype).itemsize
+    return total
+
+
+__all__ = ["QUANTIZATIONS", "convert_transformer", "stored_bytes", "trits_shape"]
