@@ -2,7 +2,8 @@
 
 from .config import FLUX_DEV, FLUX_SCHNELL, FluxConfig
 from .loading import load_transformer
+from .pipeline import FluxPipeline
 from .transformer import FluxTransformer
 
-__all__ = ["FLUX_DEV", "FLUX_SCHNELL", "FluxConfig", "FluxTransformer", "load_transformer"]
+__all__ = ["FLUX_DEV", "FLUX_SCHNELL", "FluxConfig", "FluxPipeline", "FluxTransformer", "load_transformer"]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -19,6 +20,26 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary = convert(args.src, args.out, quantize=args.quantize, granularity=args.granularity,
                       force=args.force, progress=not args.no_progress, config=args.config)
     print("\n".join(summary.lines()))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from .pipeline import FluxPipeline, save_png
+
+    dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
+    pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype)
+    if args.activations != "native":
+        pipe.set_ternary_options(activations=args.activations)
+    images = pipe([args.prompt] * args.batch, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  progress=not args.no_progress)
+    out = Path(args.out)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for img, path in zip(images, paths):
+        save_png(img, path)
+        print(path)
     return 0
 
 
@@ -48,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="diffusers transformer config.json for a BFL file of non-FLUX.1 shape")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("generate", help="text to image with a flaxflux folder or FLUX snapshot")
+    p.add_argument("--model", required=True, help="flaxflux model folder or diffusers FLUX snapshot")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--activations", choices=("native", "int8"), default="native",
+                   help="ternary models: int8 per-token activations (W1.58A8)")
+    p.add_argument("--out", required=True, help="PNG path (FILE-i.png for each image of a batch)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("info", help="describe a flaxflux model folder")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
