@@ -39,6 +39,32 @@ class Planned:
         return DTYPES[self.tag].itemsize * int(np.prod(self.shape, dtype=np.int64))
 
 
+def shard_metadata(component: str, source_files: Iterable[Path], **extra: str) -> dict[str, str]:
+    """The `__metadata__` of every shard flaxflux writes: format, version, component, and the
+    source files' names and sizes (their sha256, hashed meanwhile on the other core, goes to
+    flaxflux.json, written once the hashes are known)."""
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "component": component,
+            "source_files": json.dumps({f.name: f.stat().st_size for f in source_files}), **extra}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A component whose source is fully validated and whose output is planned; nothing of it is
+    written yet. Converters prepare every component first, so a bad tensor anywhere in the
+    source fails before any output exists, then `write` each one."""
+
+    component: str                           # folder name in the output
+    plan: list[Planned]
+    produce: Callable[[Planned], np.ndarray]  # reads (and transforms) one planned tensor
+    metadata: dict[str, str]                 # every shard's __metadata__
+    config: dict                             # <component>/config.json
+    files: list[Path]                        # source files read (progress total, provenance hashes)
+
+    def write(self, staging: "Staging", progress: Callable[[int], None], summary: "Summary") -> None:
+        write_component(staging, self.component, self.plan, self.produce, self.metadata, progress, summary)
+        staging.write_json(f"{self.component}/{COMPONENT_CONFIG}", self.config)
+
+
 @dataclasses.dataclass
 class Summary:
     tensors: int = 0
@@ -163,10 +189,13 @@ def write_component(staging: Staging, component: str, plan: list[Planned], produ
 
 class FileHasher:
     """sha256 of source files on a background thread (hashlib releases the GIL on large
-    blocks), so provenance costs the second core instead of wall time."""
+    blocks), so provenance costs the second core instead of wall time. Results are keyed by
+    the path relative to `base` (components of a snapshot reuse names like model.safetensors),
+    or by the file name without one."""
 
-    def __init__(self, files: Iterable[Path]):
+    def __init__(self, files: Iterable[Path], base: Path | None = None):
         self.files = sorted({Path(f) for f in files})
+        self.base = base
         self.result: dict[str, str] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -175,7 +204,8 @@ class FileHasher:
     def _run(self) -> None:
         try:
             for f in self.files:
-                self.result[f.name] = sha256_file(f)
+                key = f.relative_to(self.base).as_posix() if self.base is not None else f.name
+                self.result[key] = sha256_file(f)
         except BaseException as e:  # reported by join()
             self._error = e
 

@@ -10,12 +10,11 @@ from flax import nnx
 import pallas_kernels as pk
 from flaxflux import naming
 from flaxflux.loading import _flat_params, abstract_model, expected_tensors, model_factory
-from flaxflux.model_folder import FORMAT_VERSION
 from flaxflux.safetensors_io import TAGS
 from flaxflux.ternary import PACKED, TRITS, TernaryLinear, encode_trits_np, unpack_stacked
 from flaxflux.transformer import FluxTransformer
 
-from .core import Planned, Staging, Summary, write_component
+from .core import Planned, Staging, Summary, shard_metadata, write_component
 
 
 def _quantization(model: FluxTransformer) -> dict:
@@ -57,8 +56,7 @@ def save_transformer(model: FluxTransformer, out: str | Path, *, force: bool = F
             n = sds.shape[0] * codec.in_features[where[name[: -len(TRITS)] + PACKED][0]]
         params = n
         plan.append(Planned(name, TAGS[np.dtype(sds.dtype)], tuple(sds.shape), 0, params))
-    meta = {"format": "flaxflux", "format_version": str(FORMAT_VERSION), "component": "transformer",
-            "quantization": comp["quantization"], "source_files": "{}"}
+    meta = shard_metadata("transformer", [], quantization=comp["quantization"])
     config = {"flaxflux_component": "transformer", "config": cfg.to_dict(), **comp}
     if comp["quantization"] == "ternary":
         meta.update(granularity=comp["granularity"], storage="base3-5-per-byte", **pk.layout_metadata())

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from flaxflux.config import FluxConfig
 from flaxflux.loading import (abstract_model, check_source, expected_tensors, model_factory,
                               open_transformer)
-from flaxflux.model_folder import FORMAT_VERSION
 from flaxflux.safetensors_io import TAGS
 from flaxflux.ternary import TRITS, trits_shape
 
-from .core import Planned, Staging, Summary, write_component
+from .core import Planned, Prepared, Staging, Summary, shard_metadata
 
 QUANTIZATIONS = ("none", "ternary")
 
 
-def convert_transformer(src_path: Path, staging: Staging, quantize: str, granularity: str,
-                        progress, summary: Summary, config=None) -> None:
-    """Validate the source fully, then stream it into `transformer/`."""
+def prepare_transformer(src_path: Path, quantize: str, granularity: str,
+                        config: FluxConfig | Mapping[str, Any] | str | Path | None = None) -> Prepared:
+    """Validate the source fully and plan `transformer/`; nothing is written here."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     src, cfg, info = open_transformer(src_path, config)
@@ -51,20 +51,22 @@ def convert_transformer(src_path: Path, staging: Staging, quantize: str, granula
         read = src.nbytes(origin) if not name.endswith("weight_scale") else 0
         plan.append(Planned(name, tag, tuple(sds.shape), read, params))
 
-    metadata = {"format": "flaxflux", "format_version": str(FORMAT_VERSION), "component": "transformer",
-                "quantization": quantize,
-                # Names and sizes identify the source here; its sha256 (hashed meanwhile on the
-                # other core) is recorded in flaxflux.json, written once the hash is known.
-                "source_files": json.dumps({f.name: f.stat().st_size for f in src.files()})}
+    files = src.files()
+    metadata = shard_metadata("transformer", files, quantization=quantize)
     if quantize == "ternary":
         metadata.update(granularity=granularity, storage="base3-5-per-byte", **pk.layout_metadata())
-    write_component(staging, "transformer", plan, lambda p: codec.encode(p.name, src), metadata, progress, summary)
-
-    config = {"flaxflux_component": "transformer", "config": cfg.to_dict(), **comp}
+    component = {"flaxflux_component": "transformer", "config": cfg.to_dict(), **comp}
     if quantize == "ternary":
-        config.update(storage="base3-5-per-byte", **pk.layout_metadata())
-    config["source_files"] = {f.name: f.stat().st_size for f in src.files()}
-    staging.write_json("transformer/config.json", config)
+        component.update(storage="base3-5-per-byte", **pk.layout_metadata())
+    component["source_files"] = {f.name: f.stat().st_size for f in files}
+    return Prepared("transformer", plan, lambda p: codec.encode(p.name, src), metadata, component, files)
+
+
+def convert_transformer(src_path: Path, staging: Staging, quantize: str, granularity: str,
+                        progress: Callable[[int], None], summary: Summary,
+                        config: FluxConfig | Mapping[str, Any] | str | Path | None = None) -> None:
+    """Validate the source fully, then stream it into `transformer/`."""
+    prepare_transformer(src_path, quantize, granularity, config).write(staging, progress, summary)
 
 
 def stored_bytes(cfg, quantize: str, granularity: str = "tensor") -> int:
@@ -76,4 +78,4 @@ def stored_bytes(cfg, quantize: str, granularity: str = "tensor") -> int:
     return total
 
 
-__all__ = ["QUANTIZATIONS", "convert_transformer", "stored_bytes", "trits_shape"]
+__all__ = ["QUANTIZATIONS", "convert_transformer", "prepare_transformer", "stored_bytes", "trits_shape"]

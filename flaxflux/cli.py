@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
                    help="ternary scale per tensor (the paper's setting) or per output channel")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--config", help="diffusers transformer config.json for a BFL file of non-FLUX.1 shape")
+    p.add_argument("--config", help="config.json of the one component converted (or of the transformer of a "
+                   "snapshot): for BFL files whose shape the FLUX.1 presets do not describe")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_convert)
     p = sub.add_parser("generate", help="text to image with a flaxflux folder or FLUX snapshot")

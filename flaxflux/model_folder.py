@@ -9,7 +9,8 @@
         model-0000k-of-0000n.safetensors   BFL tensor names; metadata: format version, quantization,
                                            packing layout, source file hashes
         model.safetensors.index.json
-      text_encoder/ text_encoder_2/ vae/   (once those components convert)
+      text_encoder/ text_encoder_2/ vae/   HF tensor names, source dtype (a BFL ae.safetensors is
+                                           stored under diffusers names); see convert/components.py
       tokenizer/ tokenizer_2/ scheduler/   copied from the source snapshot
       model_index.json                     copied, so the folder keeps the FLUX.1 snapshot shape
 

@@ -112,6 +112,19 @@ class VAEConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_diffusers(self) -> dict[str, Any]:
+        """A diffusers AutoencoderKL config dict that `from_diffusers` reads back as `self`
+        (what a converted BFL ae.safetensors stores as its config)."""
+        n = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "latent_channels": self.latent_channels,
+                "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+                "norm_num_groups": self.norm_num_groups, "scaling_factor": self.scaling_factor,
+                "shift_factor": self.shift_factor, "mid_block_add_attention": self.mid_block_add_attention,
+                "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv,
+                "latents_mean": None, "latents_std": None}
+
 
 FLUX_VAE = VAEConfig()
 

@@ -106,3 +106,12 @@ def run(model, x: dict) -> np.ndarray:
 
     graphdef, state = nnx.split(model)
     return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, x))
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tmp_path_factory):
+    """A tiny random FLUX.1-dev snapshot (every component; see tests/snapshots.py), built once
+    per test process. Tests must not modify it: copy it first."""
+    from snapshots import make_tiny_snapshot
+
+    return make_tiny_snapshot(tmp_path_factory.mktemp("tiny_flux"))

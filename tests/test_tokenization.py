@@ -3,9 +3,6 @@ trained on a small corpus, and a hand-written byte-level BPE vocab + merges for 
 
 from __future__ import annotations
 
-import io
-import json
-import random
 import warnings
 
 import numpy as np
@@ -13,62 +10,25 @@ import pytest
 
 from flaxflux.tokenization import load_clip_tokenizer, load_t5_tokenizer, load_tokenizers
 
+import snapshots
+
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
-WORDS = ("a red circle blue square green triangle cat dog photo of the on in with bright dark small "
-         "large painting city night river mountain").split()
 PROMPTS = ["a red cat on the circle!", "A photo of a DOG in the city at night", "zebra, 42 x"]
-CLIP_MERGES = [("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>"), ("t", "h"), ("th", "e</w>"),
-               ("o", "n</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"), ("circl", "e</w>"),
-               ("d", "o"), ("do", "g</w>")]
-
-
-def _spiece_model() -> bytes:
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=48, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
-    return buf.getvalue()
-
-
-def _clip_vocab() -> dict[str, int]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = sorted(ByteLevel.alphabet())  # the 256 byte-level symbols
-    vocab = {a: i for i, a in enumerate(alphabet)}
-    vocab.update({a + "</w>": len(alphabet) + i for i, a in enumerate(alphabet)})
-    for a, b in CLIP_MERGES:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
+CLIP_MERGES = snapshots.CLIP_MERGES
 
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     """tokenizer/ (vocab.json, merges.txt, tokenizer_config.json) and tokenizer_2/ (spiece.model +
-    what transformers writes), as in a FLUX.1-dev snapshot."""
+    what transformers writes), as in a FLUX.1-dev snapshot; and a folder with spiece.model alone."""
     root = tmp_path_factory.mktemp("flux")
-    clip = root / "tokenizer"
-    clip.mkdir()
-    vocab = _clip_vocab()
-    (clip / "vocab.json").write_text(json.dumps(vocab))
-    (clip / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in CLIP_MERGES))
-    (clip / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": "<|endoftext|>",
-         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
-
-    model = _spiece_model()
+    toks = snapshots.write_tokenizers(root)
     only_spm = root / "spm_only"
     only_spm.mkdir()
-    (only_spm / "spiece.model").write_bytes(model)
-    t5 = transformers.T5TokenizerFast.from_pretrained(str(only_spm), local_files_only=True)
-    t5.save_pretrained(str(root / "tokenizer_2"))
-    (root / "tokenizer_2" / "spiece.model").write_bytes(model)
-    return dict(root=root, vocab=vocab, spm=model, spm_only=only_spm)
+    (only_spm / "spiece.model").write_bytes(toks["spm"])
+    return dict(root=root, vocab=toks["vocab"], spm=toks["spm"], spm_only=only_spm)
 
 
 def _reference(tok, prompts, n):
