@@ -184,8 +184,11 @@ class DenseCodec:
 
     def load(self, internal: str, names: list[str], target: Any, src: BflSource) -> jax.Array:
         arrays = [src.get(n) for n in names]
-        host = np.stack(arrays) if naming.is_stacked(internal) else arrays[0]
-        return jnp.asarray(host, dtype=target.dtype)
+        if not naming.is_stacked(internal):
+            return jnp.asarray(arrays[0], dtype=target.dtype)
+        # numpy arrays stack on the host; arrays a source already made on a device stay there
+        stack = jnp.stack if isinstance(arrays[0], jax.Array) else np.stack
+        return jnp.asarray(stack(arrays), dtype=target.dtype)
 
     def encode(self, name: str, src: BflSource) -> np.ndarray:
         return src.get(name)
@@ -255,14 +258,30 @@ def fill_model(model_fn, src: BflSource, codec: DenseCodec | None = None) -> nnx
 
 
 def load_transformer(path: str | Path, dtype: Any = jnp.bfloat16,
-                     config: FluxConfig | Mapping | str | Path | None = None) -> FluxTransformer:
+                     config: FluxConfig | Mapping | str | Path | None = None, *,
+                     quantize: str | None = None, granularity: str = "tensor") -> FluxTransformer:
     """Load a FLUX transformer (see `open_transformer` for the accepted paths).
 
     For a BFL single file the config is inferred from tensor shapes (RoPE axes: FLUX.1's);
     `config=` (a FluxConfig, or a diffusers config.json path / dict) overrides.
     dtype=jnp.float32 gives exact comparisons; bf16 is the default.
+    quantize="ternary" ternarizes a dense checkpoint while loading, one layer at a time, so the
+    dense model is never held whole (a ternary folder loads as ternary without it).
     """
     src, cfg, info = open_transformer(path, config)
+    return load_from_source(src, cfg, info, dtype, quantize=quantize, granularity=granularity)
+
+
+def load_from_source(src: BflSource, cfg: FluxConfig, info: Mapping[str, Any], dtype: Any = jnp.bfloat16, *,
+                     quantize: str | None = None, granularity: str = "tensor") -> FluxTransformer:
+    """`load_transformer` for an already opened source (any `BflSource`)."""
+    if quantize not in (None, "none", "ternary"):
+        raise ValueError(f"quantize must be None, 'none' or 'ternary', got {quantize!r}")
+    if quantize == "ternary" and info.get("quantization", "none") == "none":
+        from .ternary import QuantizeOnLoadCodec
+
+        model_fn, _ = model_factory(cfg, {"quantization": "ternary", "granularity": granularity}, dtype)
+        return fill_model(model_fn, src, QuantizeOnLoadCodec.for_model(model_fn, granularity))
     model_fn, codec = model_factory(cfg, info, dtype)
     return fill_model(model_fn, src, codec)
 

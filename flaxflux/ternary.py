@@ -323,6 +323,47 @@ class TernaryCodec(DenseCodec):
         return name
 
 
+class QuantizeOnLoadCodec(TernaryCodec):
+    """Reads a dense source and ternarizes each block linear layer by layer as it is loaded:
+    the layer's dense weight is the only dense copy in memory at any time."""
+
+    def _is_ternary_scale(self, internal: str) -> bool:
+        return internal.endswith(".weight_scale") and internal[: -len("weight_scale")] + PACKED in self.in_features
+
+    def disk_tensors(self, internal, names, target):
+        if internal.endswith(PACKED):  # read: the dense (out, in) weight of each layer, any float dtype
+            shape = (target.shape[-1], self.in_features[internal])
+            return [(n[: -len(PACKED)] + "weight", jax.ShapeDtypeStruct(shape, jnp.bfloat16)) for n in names]
+        if self._is_ternary_scale(internal):
+            return []  # computed while loading the codes
+        return DenseCodec.disk_tensors(self, internal, names, target)
+
+    def load(self, internal, names, target, src: BflSource) -> jax.Array:
+        if self._is_ternary_scale(internal):
+            return self._scales.pop(internal)
+        if not internal.endswith(PACKED):
+            return DenseCodec.load(self, internal, names, target, src)
+        k = self.in_features[internal]
+        stacked = internal.startswith(("double_blocks.", "single_blocks."))
+        buf = jnp.zeros(target.shape if stacked else (1, *target.shape), target.dtype)
+        scales = []
+        for i, name in enumerate(names):
+            w = jnp.asarray(src.get(name[: -len(PACKED)] + "weight"))
+            scale = absmean_scale_layer(w, self.granularity)
+            buf = _pack_into(buf, _codes_layer(w, scale), i)
+            scales.append(scale)
+            del w
+        self._scales[internal[: -len(PACKED)] + "weight_scale"] = jnp.stack(scales) if stacked else scales[0]
+        return buf if stacked else buf[0]
+
+
+def _pack_into_impl(buf: jax.Array, codes: jax.Array, i: jax.Array) -> jax.Array:
+    return buf.at[i].set(pk.pack_ternary(codes.T))
+
+
+_pack_into = jax.jit(_pack_into_impl, donate_argnums=() if jax.default_backend() == "cpu" else (0,))
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _decode_pack(trits: jax.Array, k: int) -> jax.Array:
     return pk.pack_ternary(decode_trits(trits, k).T)

@@ -132,3 +132,19 @@ def test_int8_activations_switch():
     assert 1e-6 < err < 5e-2, err  # per-token int8 activations: close, but not the same numbers
     with pytest.raises(ValueError, match="activations"):
         set_ternary_options(q, activations="int4")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_quantize_on_load_equals_quantizing_the_loaded_model(tmp_path, granularity):
+    """load_transformer(dense, quantize="ternary") ternarizes layer by layer while loading and
+    gives exactly quantize_model(load_transformer(dense))."""
+    from flaxflux.loading import save_bfl_file
+
+    path = tmp_path / "dense.safetensors"
+    save_bfl_file(FluxTransformer(SMALL, dtype=jnp.float32, rngs=nnx.Rngs(6)), path)
+    on_load = load_transformer(path, jnp.float32, SMALL, quantize="ternary", granularity=granularity)
+    after = quantize_model(load_transformer(path, jnp.float32, SMALL), granularity)
+    a, b = nnx.to_flat_state(nnx.state(on_load)), dict(nnx.to_flat_state(nnx.state(after)))
+    assert len(a) == len(b)
+    for p, v in a:
+        np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(b[p][...]), err_msg=str(p))
