@@ -173,7 +173,7 @@ class CLIPTextModel(nnx.Module):
                 raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {(b, n)}")
             keep = keep & (jnp.asarray(attention_mask)[:, None, None, :] > 0)
         bias = jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32)
-        h = scan_blocks(self.layers, h, lambda blk, c: blk(c, bias))
+        h = scan_blocks(self.layers, h, lambda blk, c, _: blk(c, bias))
         h = self.final_layer_norm(h)
         return h, h[jnp.arange(b), self.eos_positions(input_ids)]
 

@@ -122,6 +122,19 @@ def _tick(i) -> None:
         bar.update(max(0, int(i) + 1 - bar.n))
 
 
+def step_modulations(model: nnx.Module, sigmas: jax.Array, y: jax.Array, guidance: jax.Array | None) -> dict:
+    """The modulation vectors of every step, computed before the loop as one product per layer
+    with M = steps x batch rows: the modulation weights (27% of FLUX.1-dev) are read once per
+    image rather than once per step. Step axis: 1 for block mods (layers first), 0 for final."""
+    steps, batch = sigmas.shape[0] - 1, y.shape[0]
+    t = jnp.repeat(sigmas[:-1], batch)
+    g = None if guidance is None else jnp.tile(guidance, steps)
+    mods = model.modulations(model.embed_vector(t, jnp.tile(y, (steps, 1)), g))
+    split = lambda m, axis: m.reshape(*m.shape[:axis], steps, batch, m.shape[-1])  # noqa: E731
+    return {"double": tuple(split(m, 1) for m in mods["double"]), "single": split(mods["single"], 1),
+            "final": split(mods["final"], 0)}
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "progress"))
 def denoise(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, img_ids: jax.Array, txt: jax.Array,
             txt_ids: jax.Array, y: jax.Array, guidance: jax.Array, sigmas: jax.Array,
@@ -131,16 +144,16 @@ def denoise(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, img_id
     x <- x + (sigma_next - sigma) * v(x, sigma), v = the transformer's velocity; returns fp32."""
     TRACES["denoise"] += 1
     model = nnx.merge(graphdef, state)
-    batch = latents.shape[0]
     txt = txt.astype(model.dtype)
+    mods = step_modulations(model, sigmas, y, guidance)
 
     def step(i, x):
-        t = sigmas[i]
-        v = model(img=x.astype(model.dtype), img_ids=img_ids, txt=txt, txt_ids=txt_ids,
-                  timesteps=jnp.full((batch,), t, jnp.float32), y=y, guidance=guidance)
+        mods_i = {"double": tuple(m[:, i] for m in mods["double"]), "single": mods["single"][:, i],
+                  "final": mods["final"][i]}
+        v = model(img=x.astype(model.dtype), img_ids=img_ids, txt=txt, txt_ids=txt_ids, mods=mods_i)
         if progress:
             jax.debug.callback(_tick, i)
-        return x + (sigmas[i + 1] - t) * v.astype(jnp.float32)
+        return x + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents.astype(jnp.float32))
 

@@ -236,7 +236,7 @@ class T5Encoder(nnx.Module):
         mask_bias = key_padding_bias(attention_mask)
         if mask_bias is not None:
             bias = bias + mask_bias
-        h = scan_blocks(self.blocks, h, lambda blk, c: blk(c, bias))
+        h = scan_blocks(self.blocks, h, lambda blk, c, _: blk(c, bias))
         return t5_rms_norm(h, self.final_layer_norm[...], self.config.layer_norm_epsilon)
 
 

@@ -79,10 +79,14 @@ class DoubleBlock(nnx.Module):
         self.txt_attn = SelfAttention(cfg, stack=stack, dtype=dtype, rngs=rngs)
         self.txt_mlp = MLP(cfg, stack=stack, dtype=dtype, rngs=rngs)
 
-    def __call__(self, img: Array, txt: Array, vec: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
-        silu_vec = jax.nn.silu(vec)
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(self.img_mod(silu_vec), 6)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _chunks(self.txt_mod(silu_vec), 6)
+    def modulation(self, silu_vec: Array) -> tuple[Array, Array]:
+        """(img, txt) modulation vectors (N, 6*hidden) for silu(vec) (N, hidden)."""
+        return self.img_mod(silu_vec), self.txt_mod(silu_vec)
+
+    def __call__(self, img: Array, txt: Array, mod: tuple[Array, Array], cos: Array, sin: Array
+                 ) -> tuple[Array, Array]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(mod[0], 6)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _chunks(mod[1], 6)
 
         iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1), self.num_heads)
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1), self.num_heads)
@@ -110,8 +114,8 @@ class SingleBlock(nnx.Module):
         self.linear2 = Linear(d + cfg.mlp_hidden_dim, d, stack=stack, dtype=dtype, rngs=rngs)
         self.norm = QKNorm(cfg.head_dim, stack=stack, dtype=dtype)
 
-    def __call__(self, x: Array, vec: Array, cos: Array, sin: Array) -> Array:
-        shift, scale, gate = _chunks(self.modulation(jax.nn.silu(vec)), 3)
+    def __call__(self, x: Array, mod: Array, cos: Array, sin: Array) -> Array:
+        shift, scale, gate = _chunks(mod, 3)
         h = self.linear1(modulate(x, shift, scale))
         qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
         b, l, _ = qkv.shape
@@ -127,23 +131,31 @@ class LastLayer(nnx.Module):
         self.adaLN_modulation = Linear(d, 2 * d, dtype=dtype, rngs=rngs)
         self.linear = Linear(d, cfg.out_channels, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array, vec: Array) -> Array:
-        shift, scale = _chunks(self.adaLN_modulation(jax.nn.silu(vec)), 2)  # BFL: shift first
+    def __call__(self, x: Array, mod: Array) -> Array:
+        shift, scale = _chunks(mod, 2)  # BFL: shift first
         return self.linear(modulate(x, shift, scale))
 
 
-def scan_blocks(blocks: nnx.Module, carry: Any, step: Callable[[nnx.Module, Any], Any],
+def scan_blocks(blocks: nnx.Module, carry: Any, step: Callable[[nnx.Module, Any, Any], Any], xs: Any = None,
                 remat: bool = False) -> Any:
-    """Run `step(layer, carry)` for each layer of a stacked block module with `lax.scan`."""
+    """Run `step(layer, carry, x)` for each layer of a stacked block module with `lax.scan`;
+    `xs` are per-layer inputs (leading axis = layers), x is None if there are none."""
     graphdef, state = nnx.split(blocks)
 
-    def body(c, layer_state):
-        return step(nnx.merge(graphdef, layer_state), c), None
+    def body(c, inputs):
+        layer_state, x = inputs
+        return step(nnx.merge(graphdef, layer_state), c, x), None
 
     if remat:
         body = jax.checkpoint(body)
-    carry, _ = jax.lax.scan(body, carry, state)
+    carry, _ = jax.lax.scan(body, carry, (state, xs))
     return carry
+
+
+def map_blocks(blocks: nnx.Module, fn: Callable[[nnx.Module], Any]) -> Any:
+    """`fn(layer)` for every layer of a stacked block module, outputs stacked on a leading axis."""
+    graphdef, state = nnx.split(blocks)
+    return jax.lax.map(lambda s: fn(nnx.merge(graphdef, s)), state)
 
 
 class FluxTransformer(nnx.Module):
@@ -171,6 +183,17 @@ class FluxTransformer(nnx.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance).astype(self.dtype))
         return vec + self.vector_in(y.astype(self.dtype))
 
+    def modulations(self, vec: Array) -> dict[str, Any]:
+        """Every modulation vector of the model for conditioning vectors vec (N, hidden).
+
+        They depend only on vec, i.e. on t, guidance and pooled CLIP; a sampler can compute all
+        steps' at once (N = steps x batch), reading the 3.2 B modulation weights once per image
+        instead of once per step. Layer-stacked: double (L, N, 6h) x2, single (L, N, 3h)."""
+        sv = jax.nn.silu(vec)
+        return {"double": map_blocks(self.double_blocks, lambda blk: blk.modulation(sv)),
+                "single": map_blocks(self.single_blocks, lambda blk: blk.modulation(sv)),
+                "final": self.final_layer.adaLN_modulation(sv)}
+
     def __call__(
         self,
         *,
@@ -178,30 +201,37 @@ class FluxTransformer(nnx.Module):
         img_ids: Array,
         txt: Array,
         txt_ids: Array,
-        timesteps: Array,
-        y: Array,
+        timesteps: Array | None = None,
+        y: Array | None = None,
         guidance: Array | None = None,
+        mods: dict[str, Any] | None = None,
         remat: bool = False,
     ) -> Array:
         """Velocity prediction.
 
         img (B, L, in_channels) packed latents; img_ids (B, L, 3); txt (B, L_txt, context_in_dim);
         txt_ids (B, L_txt, 3); timesteps (B,) in [0, 1]; y (B, vec_in_dim) pooled CLIP;
-        guidance (B,) (FLUX.1-dev only). Returns (B, L, out_channels) in the model dtype.
+        guidance (B,) (FLUX.1-dev only). Instead of timesteps / y / guidance, `mods` may give
+        the precomputed `modulations(vec)` for this batch. Returns (B, L, out_channels) in the
+        model dtype.
         """
         cfg = self.config
-        _check_inputs(cfg, img, img_ids, txt, txt_ids, timesteps, y)
-        vec = self.embed_vector(timesteps, y, guidance)
+        if mods is None:
+            if timesteps is None or y is None:
+                raise ValueError("pass timesteps and y (and guidance for FLUX.1-dev), or precomputed mods")
+            _check_inputs(cfg, img, img_ids, txt, txt_ids, timesteps, y)
+            mods = self.modulations(self.embed_vector(timesteps, y, guidance))
+        else:
+            _check_inputs(cfg, img, img_ids, txt, txt_ids, None, None)
         img = self.img_in(img.astype(self.dtype))
         txt = self.txt_in(txt.astype(self.dtype))
         cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim, cfg.theta)
 
-        img, txt = scan_blocks(
-            self.double_blocks, (img, txt), lambda blk, c: blk(c[0], c[1], vec, cos, sin), remat
-        )
+        img, txt = scan_blocks(self.double_blocks, (img, txt), lambda blk, c, m: blk(c[0], c[1], m, cos, sin),
+                               mods["double"], remat)
         x = jnp.concatenate([txt, img], axis=1)
-        x = scan_blocks(self.single_blocks, x, lambda blk, c: blk(c, vec, cos, sin), remat)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        x = scan_blocks(self.single_blocks, x, lambda blk, c, m: blk(c, m, cos, sin), mods["single"], remat)
+        return self.final_layer(x[:, txt.shape[1] :], mods["final"])
 
 
 def _check_inputs(cfg: FluxConfig, img, img_ids, txt, txt_ids, timesteps, y) -> None:
@@ -216,5 +246,7 @@ def _check_inputs(cfg: FluxConfig, img, img_ids, txt, txt_ids, timesteps, y) -> 
     need("img_ids", img_ids, (b, img.shape[1], len(cfg.axes_dim)))
     need("txt", txt, (b, None, cfg.context_in_dim))
     need("txt_ids", txt_ids, (b, txt.shape[1], len(cfg.axes_dim)))
-    need("timesteps", timesteps, (b,))
-    need("y", y, (b, cfg.vec_in_dim))
+    if timesteps is not None:
+        need("timesteps", timesteps, (b,))
+    if y is not None:
+        need("y", y, (b, cfg.vec_in_dim))
