@@ -181,7 +181,7 @@ def write_component(staging: Staging, component: str, plan: list[Planned], produ
         except BaseException:
             writer.abort()
             raise
-        staging.add_file(f"{component}/{name}", writer.sha256.hexdigest(), writer.nbytes)
+        staging.add_file(f"{component}/{name}", writer.digest, writer.nbytes)
         total += writer.nbytes
     summary.bytes_out += total
     staging.write_json(f"{component}/{SHARD_INDEX}", {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -207,6 +209,41 @@ def sharded_files(folder: Path, index_name: str, single_name: str) -> list[Path]
     raise CheckpointError(f"{folder}: neither {index_name} nor {single_name} found (safetensors present: {found})")
 
 
+class _BackgroundSha256:
+    """sha256 of a byte stream, computed on a worker thread (hashlib releases the GIL on large
+    buffers), so hashing overlaps reading and writing. At most `depth` buffers wait in line,
+    which bounds the extra memory to that many tensors."""
+
+    def __init__(self, depth: int = 2):
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self._hash.update(data)
+            except BaseException as e:  # reported by hexdigest()
+                self._error = e
+
+    def update(self, data) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class SafetensorsWriter:
     """Writes one safetensors file whose tensors (name, dtype tag, shape) are known in advance.
 
@@ -229,14 +266,15 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
         self.nbytes = 8 + len(blob) + offset
-        self.sha256 = hashlib.sha256()  # of the whole file, computed while writing
+        self._sha256 = _BackgroundSha256()  # of the whole file, computed while writing
+        self.digest: str | None = None      # set by close()
         self._f = open(self.path, "wb")
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
 
     def _emit(self, data) -> None:
-        self.sha256.update(data)
         self._f.write(data)
+        self._sha256.update(data)
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self._next >= len(self._plan):
@@ -252,11 +290,13 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         if self._next != len(self._plan):
-            self._f.close()
+            self.abort()
             raise CheckpointError(f"{self.path}: only {self._next} of {len(self._plan)} planned tensors written")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        self.digest = self._sha256.hexdigest()
 
     def abort(self) -> None:
         self._f.close()
+        self._sha256.stop()
