@@ -33,7 +33,8 @@ def flops_per_step(batch: int, res: int, txt_len: int = 512) -> float:
     return batch * (19 * (double + attn) + 38 * (single + attn))
 
 
-def child(variant: str, res: int, batch: int, steps: int, repeats: int, smoke: bool = False) -> dict:
+def child(variant: str, res: int, batch: int, steps: int, repeats: int, smoke: bool = False,
+          backend: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -75,9 +76,11 @@ def child(variant: str, res: int, batch: int, steps: int, repeats: int, smoke: b
     t0 = time.perf_counter()
     quant = None if variant == "bf16" else "ternary"
     model = load_from_source(RandomSource(), cfg, {"quantization": "none"}, jnp.bfloat16, quantize=quant)
-    if variant == "ternary-a8":
+    if quant:
+        import pallas_kernels
         from flaxflux.ternary import set_ternary_options
-        set_ternary_options(model, activations="int8")
+        set_ternary_options(model, activations="int8" if variant == "ternary-a8" else "native", backend=backend)
+        backend = f"{backend}->{pallas_kernels.choose_backend(backend)}"
     jax.block_until_ready(nnx.state(model))
     load_s = time.perf_counter() - t0
     weights = (dev.memory_stats() or {"bytes_in_use": float("nan")})["bytes_in_use"]  # None on CPU
@@ -116,7 +119,7 @@ def child(variant: str, res: int, batch: int, steps: int, repeats: int, smoke: b
     retraced = sampler.TRACES["denoise"] - traces - traces_first
     stats = dev.memory_stats() or {"peak_bytes_in_use": float("nan")}
     med = float(np.median(times))
-    return {"variant": variant, "res": res, "batch": batch, "steps": steps, "device": dev.device_kind,
+    return {"variant": variant, "backend": backend if quant else "xla", "res": res, "batch": batch, "steps": steps, "device": dev.device_kind,
             "jax": jax.__version__, "attention": os.environ.get("FLAXFLUX_ATTENTION", "auto"),
             "load_s": load_s, "compile_s": compile_s, "latency_s": med, "ms_per_step": 1e3 * med / steps,
             "tflops": flops_per_step(batch, res) * steps / med / 1e12, "runs_s": times,
@@ -133,40 +136,41 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--smoke", action="store_true", help="tiny transformer (checks the script on a CPU)")
+    ap.add_argument("--backends", nargs="+", default=["auto"], help="ternary_matmul backends to compare")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        v, res, batch = args.child.split(",")
-        print("RESULT " + json.dumps(child(v, int(res), int(batch), args.steps, args.repeats, args.smoke)),
+        v, res, batch, backend = args.child.split(",")
+        print("RESULT " + json.dumps(child(v, int(res), int(batch), args.steps, args.repeats, args.smoke, backend)),
               flush=True)
         return 0
     rows = []
-    for v in args.variants:
-        for res in args.res:
-            for batch in args.batch:
-                cmd = [sys.executable, __file__, "--child", f"{v},{res},{batch}", "--steps", str(args.steps),
-                       "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    print(f"{v} {res} b{batch}: FAILED\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
-                    continue
-                row = json.loads(line[0][7:])
-                rows.append(row)
-                print(f"{v:>10} {res:>5}^2 b{batch}: {row['ms_per_step']:7.1f} ms/step  {row['latency_s']:6.2f} s/"
-                      f"{args.steps}  compile {row['compile_s']:5.1f} s  weights {row['weights_gb']:5.2f} GB  "
-                      f"peak {row['peak_gb']:5.2f} GB  retraced {row['second_prompt_retraced']}", flush=True)
+    jobs = [(v, res, batch, be) for v in args.variants for res in args.res for batch in args.batch
+            for be in (args.backends if v != "bf16" else ["xla"])]
+    for v, res, batch, be in jobs:
+        cmd = [sys.executable, __file__, "--child", f"{v},{res},{batch},{be}", "--steps", str(args.steps),
+               "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{v} {res} b{batch}: FAILED\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
+            continue
+        row = json.loads(line[0][7:])
+        rows.append(row)
+        print(f"{v:>10} {row['backend']:>16} {res:>5}^2 b{batch}: {row['ms_per_step']:7.1f} ms/step  {row['latency_s']:6.2f} s/"
+              f"{args.steps}  compile {row['compile_s']:5.1f} s  weights {row['weights_gb']:5.2f} GB  "
+              f"peak {row['peak_gb']:5.2f} GB  retraced {row['second_prompt_retraced']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     if rows:
         print(f"\n{rows[0]['device']}, jax {rows[0]['jax']}, {args.steps} steps, median of {args.repeats}")
-        print("| variant | res | batch | ms/step | 50-step s | vs bf16 | TFLOP/s | compile s | weights GB | peak GB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| variant | backend | res | batch | ms/step | 50-step s | vs bf16 | TFLOP/s | compile s | weights GB | peak GB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         base = {(r["res"], r["batch"]): r["latency_s"] for r in rows if r["variant"] == "bf16"}
         for r in rows:
             ratio = r["latency_s"] / base[(r["res"], r["batch"])] if (r["res"], r["batch"]) in base else float("nan")
-            print(f"| {r['variant']} | {r['res']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['latency_s']:.2f} | "
+            print(f"| {r['variant']} | {r['backend']} | {r['res']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['latency_s']:.2f} | "
                   f"{ratio:.2f}x | {r['tflops']:.0f} | {r['compile_s']:.1f} | {r['weights_gb']:.2f} | {r['peak_gb']:.2f} |")
     return 0
 

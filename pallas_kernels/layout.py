@@ -1,29 +1,33 @@
 """The packed ternary weight layout: the one definition every kernel, loader and file uses.
 
 A ternary weight w (K, N) with values in {-1, 0, +1} (x @ w contracts over K) is stored as an
-int8 array `packed` of shape (K_pad / 4, N): four 2-bit two's-complement codes per byte
-(-1 -> 0b11, 0 -> 0b00, +1 -> 0b01). Only the shape is (K_pad/4, N); the bytes are arranged
+int8 array `packed` of shape (K_pad / 4, N): four 2-bit codes c = w + 1 per byte
+(-1 -> 0b00, 0 -> 0b01, +1 -> 0b10). Only the shape is (K_pad/4, N); the bytes are arranged
 K-tile by K-tile, each tile transposed so that K is contiguous (what int8 tensor cores need):
 
     T = K_pad / TILE_K, SLAB = TILE_K / 4, tiles = packed.reshape(T, N, SLAB)   (free reshape)
-    tiles[t, n, j]  bits 2p..2p+1  =  w[t * TILE_K + p * SLAB + j, n]
+    tiles[t, n, j]  bits 2p..2p+1  =  w[t * TILE_K + p * SLAB + j, n] + 1
 
 for tile t, output column n, byte j in [0, SLAB) and plane p in [0, 4). So a (rows n, SLAB
 bytes) block of one tile is a K-contiguous block of w^T, and unpacking it is elementwise
-(`(b << (6 - 2p)) >> 6`, an arithmetic shift): plane p is the contiguous K-slab
+(`((b >> 2p) & 3) - 1`): plane p is the contiguous K-slab
 [p * SLAB, (p + 1) * SLAB) of the tile, already in the register layout a wgmma A operand wants
 (the kernels compute out^T = w^T x^T with w^T in registers). No shuffles, no transposes.
 
 Consequence: `packed` must not be sliced or concatenated along N (its second axis is not
 column n); unpack, slice, repack instead. Slicing whole K-tiles (rows t*SLAB .. ) is fine.
 
-Padding rule: K is zero-padded up to a multiple of TILE_K (zero codes contribute nothing).
+Why w + 1: the offset code makes the unpack affine, so kernels turn 4 codes in a 32-bit register
+into 4 int8 weights with shift, and, add, xor (no carries between bytes), and into bf16 with
+one byte permute ((0x4300 | c) is the bf16 number 128 + c) and one subtraction.
+
+Padding rule: K is zero-padded up to a multiple of TILE_K (weights 0, code 1: contribute nothing).
 K_pad = ceil(K / TILE_K) * TILE_K; callers pass the true K (x's last axis) to slice it off.
 FLUX's K (3072, 12288, 15360) are multiples of TILE_K, so full-size models carry no padding.
 
-Version 2 (TILE_K 256, tile-transposed) replaced version 1 (TILE_K 512, N-contiguous): int8
-wgmma needs K-major operands, and a 64-byte slab keeps the K-step's shared-memory stage small
-enough for 3-4 pipeline stages (see NOTES.md).
+Version 2 (TILE_K 256, tile-transposed, offset codes) replaced version 1 (TILE_K 512,
+N-contiguous, two's complement): int8 wgmma needs K-major operands, and a 64-byte slab keeps the
+K-step's shared-memory stage small enough for 3-4 pipeline stages (see NOTES.md).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LAYOUT_NAME = "ternary-tiled2-kmajor-i8"
+LAYOUT_NAME = "ternary-tiled2-kmajor-offset1-i8"
 LAYOUT_VERSION = 2
 TILE_K = 256
 PLANES = 4            # 2-bit codes per byte
@@ -73,8 +77,8 @@ def pack_ternary_np(w: np.ndarray) -> np.ndarray:
     """numpy version of `pack_ternary` (converter: host memory, no device)."""
     _check_ternary(w)
     k, n = w.shape
-    codes = np.zeros((padded_k(k), n), np.uint8)
-    codes[:k] = np.asarray(w, np.int8).view(np.uint8) & 3
+    codes = np.ones((padded_k(k), n), np.uint8)   # code 1 = weight 0 (padding)
+    codes[:k] = (np.asarray(w, np.int8) + 1).astype(np.uint8) & 3
     tiles = codes.reshape(-1, PLANES, SLAB, n)  # (tile, plane, j, n)
     packed = tiles[:, 0] | (tiles[:, 1] << 2) | (tiles[:, 2] << 4) | (tiles[:, 3] << 6)  # (tile, j, n)
     return np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(-1, n).view(np.int8)
@@ -84,8 +88,8 @@ def pack_ternary(w: jax.Array) -> jax.Array:
     """w (K, N) int8 in {-1, 0, 1} -> packed (K_pad/4, N) int8 (see the module docstring)."""
     _check_ternary(w)
     k, n = w.shape
-    codes = jnp.zeros((padded_k(k), n), jnp.uint8).at[:k].set(jax.lax.bitcast_convert_type(
-        jnp.asarray(w, jnp.int8), jnp.uint8) & 3)
+    codes = jnp.ones((padded_k(k), n), jnp.uint8).at[:k].set(
+        (jnp.asarray(w, jnp.int8) + 1).astype(jnp.uint8) & 3)
     tiles = codes.reshape(-1, PLANES, SLAB, n)
     packed = tiles[:, 0] | (tiles[:, 1] << 2) | (tiles[:, 2] << 4) | (tiles[:, 3] << 6)
     return jax.lax.bitcast_convert_type(packed.transpose(0, 2, 1).reshape(-1, n), jnp.int8)
@@ -98,9 +102,9 @@ def packed_tiles(packed: jax.Array) -> jax.Array:
 
 
 def unpack_planes(packed: jax.Array) -> list[jax.Array]:
-    """int8 bytes -> the 4 planes of int8 codes in {-1, 0, 1}, same shape each (elementwise)."""
+    """int8 bytes -> the 4 planes of int8 weights in {-1, 0, 1}, same shape each (elementwise)."""
     packed = jnp.asarray(packed, jnp.int8)
-    return [jax.lax.shift_right_arithmetic(jax.lax.shift_left(packed, jnp.int8(6 - 2 * p)), jnp.int8(6))
+    return [(jax.lax.shift_right_logical(packed, jnp.int8(2 * p)) & jnp.int8(3)) - jnp.int8(1)
             for p in range(PLANES)]
 
 
@@ -117,7 +121,7 @@ def unpack_ternary_np(packed: np.ndarray, k: int | None = None) -> np.ndarray:
     """numpy version of `unpack_ternary`."""
     _check_packed(packed)
     kp4, n = packed.shape
-    b = np.asarray(packed, np.int8).reshape(-1, n, SLAB)
-    planes = [((b << np.int8(6 - 2 * p)).astype(np.int8) >> np.int8(6)) for p in range(PLANES)]
+    b = np.asarray(packed, np.int8).view(np.uint8).reshape(-1, n, SLAB)
+    planes = [((b >> np.uint8(2 * p)) & np.uint8(3)).astype(np.int8) - np.int8(1) for p in range(PLANES)]
     w = np.stack(planes, axis=1).transpose(0, 1, 3, 2).reshape(kp4 * PLANES, n).astype(np.int8)
     return w if k is None else w[:k]

@@ -1,0 +1,254 @@
+"""Packed ternary matmul kernels vs XLA bf16 `jnp.dot`, at FLUX.1-dev's linear shapes.
+
+One run prints, for M in {1, 256, 1536, 4608} and every FLUX (K, N): TFLOP/s and the ratio vs
+XLA bf16 jnp.dot measured in the same run, for weight-only ternary and W1.58A8 (activation
+quantization included; "a8kern" excludes it), plus relative errors vs the references (rows with
+M in --check-ms).
+
+    PYTHONPATH=. python3 benchmarks/kernels.py                  # full table, backend auto
+    python3 benchmarks/kernels.py --ms 4608 --shapes 3072x3072 --sweep int8   # mosaic_gpu tiles
+    MOSAIC_GPU_DUMP_TO=/tmp/d python3 benchmarks/kernels.py --once --ms 4608 --shapes 3072x3072
+
+Timing (METHOD.md): `time_op` runs the op inside a jitted fori_loop, once per distinct random
+input set per iteration (sets exceed L2; optimization barriers stop XLA from merging or hoisting
+the calls); per-op time = slope between 1 and 3 iterations (medians of 5), which cancels the
+dispatch overhead. Inputs are random (never zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pallas_kernels as pk  # noqa: E402
+
+FLUX_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072),
+               (3072, 18432)]
+MS = [1, 256, 1536, 4608]
+L2_BYTES = 60 << 20
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def time_op(fn, arg_sets, samples: int = 5, reps: tuple[int, int] = (1, 3)) -> float:
+    """Seconds per call of fn(*args) on the device.
+
+    One jitted program runs a loop of n iterations, each applying fn once to every distinct
+    input set (sets exceed L2). An optimization barrier ties each iteration's inputs to the loop
+    counter (so XLA can neither merge nor hoist the calls) and each output to a scalar carry
+    (so nothing is dead and no output is copied). The per-call time is the slope between n=reps[0]
+    and n=reps[1] (medians of `samples` runs), which cancels the fixed dispatch overhead."""
+    @jax.jit
+    def run(n, sets):
+        def body(i, c):
+            for a in sets:
+                a2, _ = lax.optimization_barrier((a, i))
+                o = jax.tree.leaves(lax.optimization_barrier(fn(*a2)))[0]
+                c = c + o.reshape(-1)[0].astype(jnp.float32)
+            return c
+        return lax.fori_loop(0, n, body, jnp.float32(0))
+
+    def med(n):
+        nn = jnp.int32(n)
+        jax.block_until_ready(run(nn, arg_sets))
+        ts = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(nn, arg_sets))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    lo, hi = reps
+    return max(med(hi) - med(lo), 1e-9) / ((hi - lo) * len(arg_sets))
+
+
+def make_inputs(m: int, k: int, n: int, sets: int, seed: int = 0):
+    key = jax.random.key(seed)
+    out = []
+    for i in range(sets):
+        k1, k2, k3, key = jax.random.split(key, 4)
+        x = jax.random.normal(k1, (m, k), jnp.bfloat16)
+        w = jax.random.randint(k2, (k, n), -1, 2, jnp.int8)
+        out.append(dict(x=x, w=w, wp=pk.pack_ternary(w),
+                        scale=jax.random.uniform(k3, (n,), jnp.float32, 0.5, 1.5)))
+    return out
+
+
+def n_sets(m: int, k: int, n: int) -> int:
+    """Distinct input sets per loop iteration: more bytes than L2 holds (for the ternary inputs),
+    and >= ~0.3 ms of work so the loop's own per-iteration cost stays small."""
+    per_call = m * k * 2 + k * n // 4
+    by_bytes = -(-2 * L2_BYTES // per_call)
+    by_time = -(-3e-4 // max(2.0 * m * k * n / 600e12, 5e-6))
+    return int(min(48, max(4, by_bytes, by_time)))
+
+
+def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: bool = True,
+                xla_path: bool = False) -> dict:
+    sets = n_sets(m, k, n)
+    ins = make_inputs(m, k, n, sets)
+    res = dict(m=m, k=k, n=n, flop=2.0 * m * k * n)
+    # XLA bf16 baseline: the same x against a dense bf16 weight.
+    dense = [(d["x"], (d["w"].astype(jnp.float32) * d["scale"]).astype(jnp.bfloat16)) for d in ins]
+    res["xla"] = time_op(lambda x, w: jnp.dot(x, w), dense)
+    del dense
+    wo = lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend=backend)
+    a8 = lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend=backend, activations="int8")
+    args = [(d["x"], d["wp"], d["scale"]) for d in ins]
+    res["wo"] = time_op(wo, args)
+    res["a8"] = time_op(a8, args)
+    if xla_path:
+        res["wo_xla"] = time_op(lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend="xla"), args)
+    if kernel_only and backend != "xla":
+        q = [(pk.quantize_activations(d["x"]), d["wp"], d["scale"]) for d in ins]
+        res["a8k"] = time_op(lambda cs, wp, s: _a8_kernel(cs, wp, s, backend), q)
+    if check:
+        d = ins[0]
+        ref = pk.ternary_matmul_ref(d["x"], d["wp"], d["scale"], out_dtype=jnp.float32)
+        got = pk.ternary_matmul(d["x"], d["wp"], d["scale"], backend=backend, out_dtype=jnp.float32)
+        res["err_wo"] = _rel(got, ref)
+        got8 = pk.ternary_matmul(d["x"], d["wp"], d["scale"], backend=backend, activations="int8",
+                                 out_dtype=jnp.float32)
+        res["err_a8"] = _rel(got8, ref)                        # vs bf16-activation reference
+        ref8 = pk.ternary_matmul_a8_ref(d["x"], d["wp"], d["scale"], out_dtype=jnp.float32)
+        res["err_a8_vs_a8ref"] = _rel(got8, ref8)
+    return res
+
+
+def _a8_kernel(codes_step, wp, s, backend):
+    codes, step = codes_step
+    if backend == "mosaic_gpu":
+        from pallas_kernels.mosaic_gpu import ternary_matmul_mgpu as fn
+    else:
+        from pallas_kernels.triton import ternary_matmul_triton as fn
+    return fn(codes, wp, s, step=step, bias=None, out_dtype=jnp.bfloat16)
+
+
+def fmt_row(r: dict) -> str:
+    tf = lambda t: r["flop"] / t / 1e12
+    cells = [f"{r['k']:>5}->{r['n']:<5}", f"{r['m']:>5}", f"{r['xla'] * 1e6:9.1f}", f"{tf(r['xla']):7.1f}",
+             f"{r['wo'] * 1e6:9.1f}", f"{tf(r['wo']):7.1f}", f"{r['xla'] / r['wo']:6.2f}x",
+             f"{r['a8'] * 1e6:9.1f}", f"{tf(r['a8']):7.1f}", f"{r['xla'] / r['a8']:6.2f}x"]
+    cells.append(f"{r['xla'] / r['a8k']:6.2f}x" if "a8k" in r else "      -")
+    cells.append(f"{r['xla'] / r['wo_xla']:6.2f}x" if "wo_xla" in r else "      -")
+    cells.append(f"{r['err_wo']:.1e}" if "err_wo" in r else "    -  ")
+    cells.append(f"{r['err_a8']:.1e}" if "err_a8" in r else "    -  ")
+    return " | ".join(cells)
+
+
+HEADER = ("  K -> N    |     M |  xla us  | xla TF |  wo us   | wo TF  | wo/xla |  a8 us   | a8 TF  | a8/xla"
+          " | a8kern | wo-xla | err wo  | err a8")
+
+
+def sweep(m: int, k: int, n: int, dtype: str) -> None:
+    """Time mosaic_gpu tile configurations for one problem (weight-only bf16 or int8 kernel)."""
+    from pallas_kernels import mosaic_gpu as mg
+    sets = n_sets(m, k, n)
+    ins = make_inputs(m, k, n, sets)
+    t_w = k // pk.TILE_K
+    base = time_op(lambda x, w: jnp.dot(x, w),
+                   [(d["x"], d["w"].astype(jnp.bfloat16)) for d in ins])
+    unpack = time_op(lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend="xla"),
+                     [(d["x"], d["wp"], d["scale"]) for d in ins])
+    print(f"sweep {k}->{n} M={m} {dtype}: xla bf16 {base * 1e6:.1f} us ({2 * m * k * n / base / 1e12:.0f} TF); "
+          f"xla unpack+dot {unpack * 1e6:.1f} us ({base / unpack:.2f}x)")
+    if dtype == "int8":
+        args = [(*pk.quantize_activations(d["x"]), d["wp"], d["scale"]) for d in ins]
+    else:
+        args = [(d["x"], None, d["wp"], d["scale"]) for d in ins]
+    c = mg.MgpuConfig
+    if m <= 64:
+        grid = [c(tile_n=64, tile_m=max(16, -(-m // 16) * 16), stages=4, k_splits=ks) for ks in (1, 2, 4, 6)]
+    elif m <= 512:
+        grid = [c(tile_n=tn, tile_m=tm, stages=st, k_splits=ks, epi_m=32)
+                for tn, tm, st in ((64, 64, 4), (128, 64, 4), (64, 128, 2 if dtype == "bf16" else 4))
+                for ks in (1, 2, 4)]
+    elif dtype == "int8":
+        grid = [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8),
+                c(tile_n=64, tile_m=128, stages=4, grid_tile_width=8),
+                c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_half=True),
+                c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_half=True),
+                c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_half=True)]
+    else:
+        grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
+                c(tile_n=64, tile_m=128, stages=4, k_half=True), c(tile_n=64, tile_m=128, stages=4, k_half=True,
+                                                                  overlap=False),
+                c(tile_n=64, tile_m=128, stages=3, k_half=True),
+                c(tile_n=128, tile_m=128, stages=3, epi_m=32, k_half=True),
+                c(tile_n=64, tile_m=64, stages=6, k_half=True)]
+    for cfg in grid:
+        if m % cfg.tile_m and m > cfg.tile_m:
+            continue
+        if t_w % cfg.k_splits:
+            continue
+        try:
+            t = time_op(lambda x, st, wp, s, cfg=cfg: mg.ternary_matmul_mgpu(
+                x, wp, s, step=st, bias=None, out_dtype=jnp.bfloat16, config=cfg), args, samples=7)
+        except Exception as e:  # noqa: BLE001 - report and go on (SMEM overflow etc.)
+            if "shared memory" not in str(e):
+                raise
+            print(f"  {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} ks={cfg.k_splits} "
+              f"ov={int(cfg.overlap)}: "
+              f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in FLUX_SHAPES))
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-ms", default="4608", help="M values whose rows also report errors")
+    ap.add_argument("--xla-path", action="store_true", help="also time the xla backend (unpack + dot)")
+    ap.add_argument("--sweep", default="", help="'int8' or 'bf16': tile sweep of the mosaic_gpu kernel")
+    ap.add_argument("--once", action="store_true", help="run each kernel once (e.g. with MOSAIC_GPU_DUMP_TO)")
+    a = ap.parse_args()
+    ms = [int(v) for v in a.ms.split(",")]
+    check_ms = {int(v) for v in a.check_ms.split(",") if v}
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}")
+    print(f"backend: {pk.explain_backend(a.backend)}")
+    if a.sweep:
+        for k, n in shapes:
+            for m in ms:
+                sweep(m, k, n, a.sweep)
+        return
+    backend = pk.choose_backend(a.backend)
+    if a.once:
+        for k, n in shapes:
+            for m in ms:
+                d = make_inputs(m, k, n, 1)[0]
+                ref = pk.ternary_matmul_ref(d["x"], d["wp"], d["scale"], out_dtype=jnp.float32)
+                for act in ("native", "int8"):
+                    y = pk.ternary_matmul(d["x"], d["wp"], d["scale"], backend=backend, activations=act)
+                    print(f"{k}->{n} M={m} {act}: rel err {_rel(y, ref):.1e}", flush=True)
+        return
+    print(HEADER, flush=True)
+    rows = []
+    for k, n in shapes:
+        for m in ms:
+            r = bench_shape(m, k, n, backend, check=not a.no_check and m in check_ms, xla_path=a.xla_path)
+            rows.append(r)
+            print(fmt_row(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Mosaic GPU (Hopper, sm_90a) kernels for the packed ternary matmul.
+
+Transposed product: out^T (N, M) = w^T (N, K) @ x^T (K, M). The packed weight tile (rows n,
+64 bytes of K) is loaded from shared memory into registers, each 2-bit plane is unpacked there
+(elementwise, see layout.py) straight into the wgmma A-operand layout, and x^T is the B operand
+read from shared memory by the tensor cores. Weight-only: bf16 x bf16 -> f32. W1.58A8:
+s8 x s8 -> s32 (exact). Scales (and bias) are applied in the epilogue, which stores the
+transposed accumulator through shared memory with TMA.
+
+Structure follows jax/experimental/pallas/ops/gpu/hopper_mixed_type_matmul_mgpu.py: a
+persistent grid, 2 compute warpgroups + 1 TMA warpgroup (`emit_pipeline_warp_specialized`).
+Lowering semantics are pinned to Lane (explicit register layouts) so JAX 0.10 and 0.11 agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .layout import PLANES, SLAB, TILE_K, packed_tiles
+
+# wgmma tile constraints: A (weights) rows come in groups of 64 per warpgroup; B columns (tokens)
+# a multiple of 8 and at most 256.
+WG_ROWS = 64
+MAX_TILE_M = 256
+NUM_COMPUTE_WGS = 2
+SMEM_LIMIT = 232448   # bytes of shared memory a Hopper CTA can use
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    """Tile configuration. tile_n: weight rows (output features) per compute warpgroup (a
+    multiple of 64); tile_m: tokens per CTA (wgmma N); stages: pipeline depth; k_splits: split-K
+    factor (partials reduced by XLA; for small M, where N/tile tiles cannot fill the GPU)."""
+    tile_n: int = 64
+    tile_m: int = 128
+    stages: int = 4
+    k_splits: int = 1
+    grid_minor_n: bool = True
+    grid_tile_width: int = 4
+    epi_m: int = 64            # tokens per epilogue store chunk (2 chunks in flight per warpgroup)
+    overlap: bool = True       # keep one wgmma in flight while unpacking the next plane
+    k_half: bool = False       # pipeline steps of half a K-tile (2 planes): smaller stages, more of them
+
+    def check(self) -> None:
+        if self.tile_n % WG_ROWS or self.tile_n <= 0:
+            raise ValueError(f"tile_n must be a positive multiple of {WG_ROWS}, got {self.tile_n}")
+        if self.tile_m % 8 or not 8 <= self.tile_m <= MAX_TILE_M:
+            raise ValueError(f"tile_m must be a multiple of 8 in [8, {MAX_TILE_M}], got {self.tile_m}")
+        if self.stages < 1 or self.k_splits < 1:
+            raise ValueError(f"stages and k_splits must be >= 1, got {self.stages}, {self.k_splits}")
+        if self.overlap and self.stages < 2:
+            raise ValueError("overlap needs stages >= 2 (a stage stays in use one step longer)")
+
+    def step_k(self) -> int:
+        return TILE_K // 2 if self.k_half else TILE_K
+
+    def epi_rows(self) -> int:
+        return min(self.epi_m, self.tile_m)
+
+    def smem_bytes(self, x_itemsize: int, out_itemsize: int) -> int:
+        """Shared memory the kernel asks for (pipeline stages + epilogue buffers + barriers)."""
+        cta_n = NUM_COMPUTE_WGS * self.tile_n
+        stage = self.tile_m * self.step_k() * x_itemsize + cta_n * SLAB
+        epi = NUM_COMPUTE_WGS * 2 * self.epi_rows() * self.tile_n * out_itemsize
+        return self.stages * stage + epi + 1024
+
+
+def _load(ref, layout, optimized: bool = True):
+    """plgpu.load across JAX versions (0.10 needs an explicit empty index; 0.11 deprecates it)."""
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
+
+
+def _swizzle_transforms(minor_bytes: int, itemsize: int) -> tuple[int, tuple]:
+    swizzle = plgpu.find_swizzle(minor_bytes * 8)
+    return swizzle, (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+# --- unpacking one 2-bit plane into a wgmma A operand ------------------------------------------
+# Codes are w + 1 in {0, 1, 2} (layout.py). int8: per 32-bit register of 4 packed bytes,
+#   t = (r >> 2p) & 0x03030303;  w = (t + 0x7f7f7f7f) ^ 0x80808080   (bytewise t - 1, no carries)
+# bf16: 0x4300 | c is the bf16 number 128 + c, so (0x4300 | c) - 129 = c - 1 exactly.
+
+
+def _plane_i8(packed, p: int):
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+
+    layout = plgpu.Layout.WGMMA_8BIT
+
+    @plgpu.inline_mgpu(arg_types=(layout,),
+                       return_type=plgpu.ShapeDtypeStruct(packed.shape, jnp.int8, layout))
+    def unpack(_, fa):
+        i32 = ir.IntegerType.get_signless(32)
+        c = lambda v: arith.constant(i32, v)
+        regs = np.empty_like(fa.registers)
+        for idx, reg in np.ndenumerate(fa.registers):
+            r = mgpu.utils.bitcast(reg, i32)
+            if p:
+                r = arith.shrui(r, c(2 * p))
+            r = arith.andi(r, c(0x03030303))
+            r = arith.xori(arith.addi(r, c(0x7F7F7F7F)), c(0x80808080 - (1 << 32)))
+            regs[idx] = mgpu.utils.bitcast(r, reg.type)
+        return mgpu.FragmentedArray(_registers=regs, _layout=fa.layout, _is_signed=True)
+
+    return unpack(packed)
+
+
+def _plane_bf16(packed, p: int):
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+
+    layout = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(arg_types=(layout,),
+                       return_type=plgpu.ShapeDtypeStruct(packed.shape, jnp.bfloat16, layout))
+    def unpack(_, fa):
+        i16 = ir.IntegerType.get_signless(16)
+        i32 = ir.IntegerType.get_signless(32)
+        bf16 = ir.BF16Type.get()
+        vec_ty = ir.VectorType.get((2,), bf16)
+        c = lambda v: arith.constant(i32, v)
+        offset = vector.broadcast(vec_ty, arith.constant(bf16, 129.0))
+        regs = np.empty_like(fa.registers)
+        for idx, reg in np.ndenumerate(fa.registers):   # reg: vector<2xi8>, two consecutive k
+            r = arith.extui(i32, mgpu.utils.bitcast(reg, i16))
+            if p:
+                r = arith.shrui(r, c(2 * p))
+            r = arith.andi(r, c(0x0303))
+            # bytes [c0, c1, 0, 0] + 0x43 -> halves (0x4300 | c0, 0x4300 | c1)
+            r = mgpu.utils.prmt(r, c(0x43), c(0x4140))
+            regs[idx] = arith.subf(mgpu.utils.bitcast(r, vec_ty), offset)
+        return mgpu.FragmentedArray(_registers=regs, _layout=fa.layout, _is_signed=None)
+
+    return unpack(packed)
+
+
+# --- the kernel --------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, has_step: bool,
+           has_bias: bool, cfg: MgpuConfig, num_sms: int):
+    """A jitted callable (x, w3, scale[, step][, bias]) -> out for these static parameters.
+
+    x (mp, t_x*TILE_K) x_dtype; w3 (t_w, n, SLAB) int8 with t_x a multiple of t_w (the bf16 hi/lo
+    split of fp32 inputs repeats the weights); scale (n,) f32; step (mp,) f32; bias (n,) f32.
+    Returns (mp, n) out_dtype, or (k_splits * mp, n) f32 partial sums (scaled, no bias) when
+    k_splits > 1."""
+    x_dtype, out_dtype = jnp.dtype(x_dtype), jnp.dtype(out_dtype)
+    is_int8 = x_dtype == jnp.int8
+    tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
+    cta_n = NUM_COMPUTE_WGS * tile_n
+    if n % cta_n or mp % tile_m or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
+        raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} "
+                         f"mp={mp} tile_m={tile_m} k_tiles={t_x} splits={splits} epi_m={cfg.epi_m}")
+    m_iters, n_iters, k_per_split = mp // tile_m, n // cta_n, t_x // splits
+    acc_dtype = jnp.int32 if is_int8 else jnp.float32
+    final_dtype = jnp.dtype(jnp.float32) if splits > 1 else out_dtype
+
+    x_item = x_dtype.itemsize
+    step_k = cfg.step_k()
+    halves = TILE_K // step_k              # pipeline steps per weight K-tile
+    planes_per_step = PLANES // halves
+    _, x_transforms = _swizzle_transforms(step_k * x_item, x_item)
+    # int8 B operand: the 64-element K-slab of a plane is one 64-byte swizzle atom; bf16: 128 bytes.
+    if is_int8:
+        x_transforms = (plgpu.TilingTransform((8, SLAB)), plgpu.SwizzleTransform(SLAB))
+    w_transforms = (plgpu.TilingTransform((8, SLAB)), plgpu.SwizzleTransform(SLAB))
+    out_item = final_dtype.itemsize
+    out_swizzle = plgpu.find_swizzle(tile_n * out_item * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_item)), plgpu.SwizzleTransform(out_swizzle))
+    w_layout = plgpu.Layout.WGMMA_8BIT if is_int8 else plgpu.Layout.WGMMA
+    epi_m = cfg.epi_rows()
+    delay = 1 if cfg.overlap else 0
+
+    def kernel(x_gmem, w_gmem, s_gmem, *rest, out_smem):
+        rest = list(rest)
+        step_gmem = rest.pop(0) if has_step else None
+        bias_gmem = rest.pop(0) if has_bias else None
+        (out_gmem,) = rest
+
+        def get_pipeline(body, compute_context, k0=0):
+            # Weight K-tile index wraps around: the fp32 hi/lo split repeats the weights.
+            w_map = lambda k: (lax.rem(lax.div(k, jnp.int32(halves)) + k0, jnp.int32(t_w)), 0, 0)
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(k_per_split * halves,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((None, cta_n, SLAB), w_map, transforms=w_transforms,
+                                    memory_space=plgpu.SMEM, delay_release=delay),
+                    plgpu.BlockSpec((tile_m, step_k), lambda k: (0, k + k0 * halves), transforms=x_transforms,
+                                    memory_space=plgpu.SMEM, delay_release=delay),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=NUM_COMPUTE_WGS,
+                max_concurrent_steps=cfg.stages,
+                compute_context=compute_context,
+            )
+
+        ignore = lambda *_, **__: None
+
+        @functools.partial(pl.run_scoped,
+                           allocs=get_pipeline(ignore, ignore).get_allocations(
+                               w_gmem.at[:, :cta_n], x_gmem.at[:tile_m]),
+                           collective_axes="wg")
+        def _scope(allocs):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((splits * m_iters * n_iters,), collective_axes="sm")
+            def _loop(info):
+                (lin,) = info.index
+                split = lax.div(lin, jnp.int32(m_iters * n_iters))
+                rem = lax.rem(lin, jnp.int32(m_iters * n_iters))
+                m_idx, n_idx = plgpu.planar_snake(rem, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
+                                                  cfg.grid_tile_width)
+                k0 = split * k_per_split            # first x K-tile of this split
+                m_sl = pl.ds(m_idx * tile_m, tile_m)
+                n0 = n_idx * cta_n + wg * tile_n
+                n_sl = pl.ds(n0, tile_n)
+
+                def compute_context(eval_pipeline):
+                    # Epilogue vectors are fetched before the main loop so their latency hides.
+                    row = plgpu.Layout.WGMMA.reduce(1)
+                    vecs = [_load(s_gmem.at[n_sl], row, False)]
+                    if has_step:
+                        vecs.append(_load(step_gmem.at[m_sl], plgpu.Layout.WGMMA.reduce(0), False))
+                    if has_bias:
+                        vecs.append(_load(bias_gmem.at[n_sl], row, False))
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, tile_m), acc_dtype))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        _epilogue(acc_ref[...], vecs)
+
+                def _epilogue(acc, vecs):
+                    vecs = list(vecs)
+                    y = acc.astype(jnp.float32) * lax.broadcast_in_dim(vecs.pop(0), acc.shape, [0])
+                    if has_step:
+                        y = y * lax.broadcast_in_dim(vecs.pop(0), acc.shape, [1])
+                    if has_bias:
+                        y = y + lax.broadcast_in_dim(vecs.pop(0), acc.shape, [0])
+                    y = y.astype(final_dtype)
+                    row0 = split * mp + m_idx * tile_m if splits > 1 else m_idx * tile_m
+                    # Store y^T in chunks of epi_m tokens through 2 shared-memory slots per warpgroup.
+                    for c in range(tile_m // epi_m):
+                        slot = c % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # this slot's previous store
+                        dst = plgpu.transpose_ref(out_smem.at[wg, slot], (1, 0))
+                        dst[...] = plgpu.layout_cast(y[:, c * epi_m:(c + 1) * epi_m],
+                                                     plgpu.Layout.WGMMA_TRANSPOSED)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                                out_gmem.at[pl.ds(row0 + c * epi_m, epi_m), n_sl])
+
+                def planes(first, w_smem, x_smem, acc_ref):
+                    w_ref = w_smem.at[pl.ds(wg * tile_n, tile_n)]
+                    packed = _load(w_ref, w_layout)
+                    for i in range(planes_per_step):
+                        p = first + i
+                        # Plain jnp shifts on int8 arrays do not lower (Mosaic GPU has no 8-bit
+                        # pointwise arithmetic), so the unpack works on 32-bit registers.
+                        if is_int8:
+                            a = _plane_i8(packed, p)
+                        else:
+                            a = _plane_bf16(packed, p)
+                        b = plgpu.transpose_ref(x_smem.at[:, pl.ds(i * SLAB, SLAB)], (1, 0))
+                        plgpu.wgmma(acc_ref, a, b)
+                        if cfg.overlap:
+                            plgpu.wgmma_wait(1)
+                    if not cfg.overlap:
+                        plgpu.wgmma_wait(0)
+
+                def mma_body(idxs, w_smem, x_smem, acc_ref):
+                    if halves == 1:
+                        planes(0, w_smem, x_smem, acc_ref)
+                    else:
+                        (k,) = idxs
+                        half = lax.rem(k, jnp.int32(halves))
+                        for h in range(halves):
+                            pl.when(half == h)(functools.partial(planes, h * planes_per_step, w_smem, x_smem,
+                                                                 acc_ref))
+                    return acc_ref
+
+                w_src = w_gmem.at[:, pl.ds(n_idx * cta_n, cta_n)]
+                get_pipeline(mma_body, compute_context, k0)(w_src, x_gmem.at[m_sl], allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    out_rows = splits * mp if splits > 1 else mp
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((out_rows, n), final_dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        scratch_types=dict(out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, epi_m, tile_n), final_dtype,
+                                               transforms=out_transforms)),
+    )
+    return call
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (or of an abstract mesh's device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = getattr(mesh, "abstract_device", None)
+    if dev is not None and getattr(dev, "num_cores", None):
+        return int(dev.num_cores)
+    core_count = getattr(jax.devices()[0], "core_count", None)
+    return int(core_count) if core_count else 132
+
+
+# Measured per-CTA-tile throughput (TFLOP/s over the whole H200 when every SM is busy; sweeps in
+# NOTES.md): (tile_n, tile_m) -> rate. Used to pick tiles that also fill the last wave of CTAs.
+_RATE = {
+    "int8": {(128, 128): 1410.0, (64, 128): 1330.0, (128, 64): 960.0, (64, 64): 900.0},
+    "bf16": {(64, 128): 620.0, (64, 64): 480.0, (128, 128): 480.0},
+}
+_SMALL_M = 64
+
+
+def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, out_itemsize: int = 2) -> MgpuConfig:
+    """A tile configuration for an (m, n, k) problem (measured choices; see NOTES.md).
+
+    M > 64: among the measured tile shapes, the one with the least predicted time
+    ceil(tiles / SMs) * tile_work / rate, i.e. fast tiles that do not leave the last wave of CTAs
+    half empty. bf16 keeps one wgmma group in flight only where 3+ stages fit (measured: with 2
+    stages the delayed release starves the pipeline). M <= 64: 64-row warpgroup tiles, 16-token
+    tiles, deep pipelines and split-K (so that enough CTAs stream the weights)."""
+    x_item = jnp.dtype(x_dtype).itemsize
+    kind = "int8" if x_item == 1 else "bf16"
+    if m > _SMALL_M:
+        best = None
+        for (tile_n, tile_m), rate in _RATE[kind].items():
+            cta_n = NUM_COMPUTE_WGS * tile_n
+            if n % cta_n:
+                continue
+            tiles = -(-m // tile_m) * (n // cta_n)
+            t = -(-tiles // sms) * (cta_n * tile_m) / (rate / sms)
+            if best is None or t < best[0]:
+                best = (t, tile_n, tile_m)
+        _, tile_n, tile_m = best
+        splits = 1
+    else:
+        tile_m, tile_n = max(16, -(-m // 16) * 16), 64
+        tiles = n // (NUM_COMPUTE_WGS * tile_n)
+        splits = 1
+        while tiles * splits * 2 <= sms and k_tiles % (splits * 2) == 0 and k_tiles // (splits * 2) >= 4:
+            splits *= 2
+    epi_m = 32 if tile_n == 128 else 64
+    out_item = 4 if splits > 1 else out_itemsize
+    cfg = MgpuConfig(tile_n=tile_n, tile_m=tile_m, stages=2, k_splits=splits, epi_m=epi_m,
+                     grid_tile_width=8 if kind == "int8" else 4, overlap=False)
+    for stages in (8, 6, 4, 3, 2):
+        if m > _SMALL_M and stages > 4:
+            continue
+        cand = dataclasses.replace(cfg, stages=stages, overlap=stages >= 3)
+        if cand.smem_bytes(x_item, out_item) <= SMEM_LIMIT:
+            return cand
+    return cfg
+
+
+def supports(n: int) -> bool:
+    """Whether the Mosaic GPU kernel tiles N (the weight's output features)."""
+    return n % (NUM_COMPUTE_WGS * WG_ROWS) == 0
+
+
+def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *, step: jax.Array | None,
+                        bias: jax.Array | None, out_dtype: Any, config: MgpuConfig | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """x2d (M, K) @ unpack(w_packed) with epilogue scales. x2d: int8 codes (with per-row `step`,
+    W1.58A8), bf16, or fp32 (split into bf16 hi + lo, both multiplied: ~16-bit accuracy).
+    scale, bias: (N,) fp32. Returns (M, N) out_dtype.
+
+    interpret=True is refused: JAX 0.10's GPU interpreter has no register-operand or
+    transposed-operand wgmma (CPU tests lower this kernel for CUDA instead; see tests)."""
+    if interpret:
+        raise NotImplementedError("the mosaic_gpu backend has no interpret mode (JAX's GPU interpreter lacks "
+                                  "register-operand wgmma); use backend='triton' or 'xla' on CPU")
+    m, k = x2d.shape
+    w3 = packed_tiles(w_packed)
+    t_w, n, _ = w3.shape
+    if x2d.dtype == jnp.float32:
+        hi = x2d.astype(jnp.bfloat16)
+        lo = (x2d - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        parts = [hi, lo]
+    elif x2d.dtype in (jnp.bfloat16, jnp.int8):
+        parts = [x2d]
+    else:
+        raise ValueError(f"mosaic_gpu backend takes int8, bf16 or fp32 activations, got {x2d.dtype}")
+    if step is not None and x2d.dtype != jnp.int8:
+        raise ValueError("step (per-token activation scale) goes with int8 activations only")
+    t_x = t_w * len(parts)
+    cfg = config or default_config(m, n, t_x, parts[0].dtype, num_sms(), jnp.dtype(out_dtype).itemsize)
+    cfg.check()
+    out_item = 4 if cfg.k_splits > 1 else jnp.dtype(out_dtype).itemsize
+    if cfg.smem_bytes(parts[0].dtype.itemsize, out_item) > SMEM_LIMIT:
+        raise ValueError(f"{cfg} needs {cfg.smem_bytes(parts[0].dtype.itemsize, out_item)} bytes of shared "
+                         f"memory, more than {SMEM_LIMIT}")
+    mp = -(-m // cfg.tile_m) * cfg.tile_m
+    kp = t_w * TILE_K
+    xs = jnp.concatenate([jnp.pad(xp, ((0, mp - m), (0, kp - k))) for xp in parts], axis=1) \
+        if (mp, kp) != (m, k) or len(parts) > 1 else parts[0]
+    args = [xs, w3, scale.astype(jnp.float32)]
+    if step is not None:
+        args.append(jnp.pad(step.astype(jnp.float32), (0, mp - m)))
+    use_bias = bias is not None and cfg.k_splits == 1
+    if use_bias:
+        args.append(bias.astype(jnp.float32))
+    call = _build(mp, n, t_w, t_x, str(xs.dtype), str(jnp.dtype(out_dtype)), step is not None, use_bias,
+                  cfg, num_sms())
+    out = call(*args)
+    if cfg.k_splits > 1:
+        out = out.reshape(cfg.k_splits, mp, n).sum(axis=0)
+        if bias is not None:
+            out = out + bias.astype(jnp.float32)
+        out = out.astype(out_dtype)
+    return out[:m] if mp != m else out

@@ -1,0 +1,281 @@
+"""Packed ternary matmul: layout, references, Pallas kernels (interpret mode on CPU, compiled on
+GPU), dispatch. Random inputs everywhere (never zeros)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from pallas_kernels import layout
+from pallas_kernels.triton import TritonConfig, ternary_matmul_triton
+
+FLUX_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072),
+               (3072, 18432)]
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "non-finite output"
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def problem(m, k, n, seed=0, dtype=jnp.bfloat16, lead=()):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((*lead, m, k)) * rng.uniform(0.5, 2.0, (*lead, m, 1)), dtype)
+    w = rng.integers(-1, 2, (k, n)).astype(np.int8)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    return x, w, scale, bias
+
+
+# --- layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,n", [(256, 8), (300, 24), (1000, 3), (3072, 64)])
+def test_pack_roundtrip_np_and_jnp_agree(k, n):
+    w = np.random.default_rng(k).integers(-1, 2, (k, n)).astype(np.int8)
+    p = layout.pack_ternary_np(w)
+    assert p.shape == (layout.padded_k(k) // 4, n) and p.dtype == np.int8
+    np.testing.assert_array_equal(np.asarray(layout.pack_ternary(jnp.asarray(w))), p)
+    np.testing.assert_array_equal(layout.unpack_ternary_np(p, k), w)
+    np.testing.assert_array_equal(np.asarray(layout.unpack_ternary(jnp.asarray(p), k)), w)
+    assert (layout.unpack_ternary_np(p)[k:] == 0).all()   # padding decodes to weight 0
+
+
+def test_layout_matches_its_definition():
+    """tiles[t, n, j] bits 2p..2p+1 = w[t*TILE_K + p*SLAB + j, n] + 1 (layout.py docstring)."""
+    k, n = 600, 5
+    w = np.random.default_rng(1).integers(-1, 2, (k, n)).astype(np.int8)
+    tiles = layout.pack_ternary_np(w).view(np.uint8).reshape(-1, n, layout.SLAB)
+    wp = np.ones((layout.padded_k(k), n), np.int64)
+    wp[:k] = w.astype(np.int64) + 1
+    for t in range(tiles.shape[0]):
+        for p in range(layout.PLANES):
+            rows = t * layout.TILE_K + p * layout.SLAB + np.arange(layout.SLAB)
+            np.testing.assert_array_equal((tiles[t].astype(np.int64) >> (2 * p)) & 3, wp[rows].T)
+
+
+def test_pack_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        layout.pack_ternary_np(np.zeros((4,), np.int8))
+    with pytest.raises(ValueError, match="tiles"):
+        layout.unpack_ternary_np(np.zeros((3, 4), np.int8))
+
+
+# --- references --------------------------------------------------------------------------------
+
+
+def test_references_against_float64():
+    x, w, scale, bias = problem(9, 300, 40, dtype=jnp.float32)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    want = np.asarray(x, np.float64) @ w.astype(np.float64) * np.asarray(scale) + np.asarray(bias)
+    assert rel(pk.ternary_matmul_ref(x, wp, scale, bias=bias), want) < 1e-6
+    # W1.58A8: the int32 accumulation is exact, so the error is the activation quantization's.
+    assert 1e-4 < rel(pk.ternary_matmul_a8_ref(x, wp, scale, bias=bias), want) < 1e-2
+    codes, step = pk.quantize_activations(x)
+    assert codes.dtype == jnp.int8 and int(jnp.max(jnp.abs(codes.astype(jnp.int32)))) == 127
+    assert rel(codes.astype(jnp.float32) * step[:, None], x) < 1e-2
+
+
+# --- Pallas Triton kernel, interpret mode (CPU) -------------------------------------------------
+
+
+def _check_kernel(backend, m, k, n, dtype, activations, *, lead=(), seed=0, interpret=True, bias=True,
+                  out_dtype=jnp.float32, scalar_scale=False):
+    x, w, scale, b = problem(m, k, n, seed=seed, dtype=dtype, lead=lead)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    if scalar_scale:
+        scale = scale[0]
+    b = b if bias else None
+    got = pk.ternary_matmul(x, wp, scale, bias=b, out_dtype=out_dtype, backend=backend, interpret=interpret,
+                            activations=activations)
+    assert got.shape == (*lead, m, n) and got.dtype == out_dtype
+    # A bf16 output alone carries ~1e-3 rounding error; compare against the reference rounded the
+    # same way (a few elements may round the other way), and loosely against the fp32 reference.
+    tol, ref_dtype = (2e-3, jnp.bfloat16) if out_dtype == jnp.bfloat16 else (2e-5, jnp.float32)
+    ref = pk.ternary_matmul_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
+    if activations == "native":
+        # Exact weights: only fp32 accumulation order (and the bf16 hi/lo split of fp32 x) differ.
+        assert rel(got, pk.ternary_matmul_ref(x, wp, scale, bias=b, out_dtype=ref_dtype)) < tol
+        assert rel(got, ref) < 5e-3
+    else:
+        ref8 = pk.ternary_matmul_a8_ref(x, wp, scale, bias=b, out_dtype=ref_dtype)
+        assert rel(got, ref8) < tol / 2
+        # vs the bf16-activation reference: the int8 quantization error, ~7e-3 on Gaussian rows
+        # (a statistic; a single token can land a little higher).
+        assert rel(got, ref) < 1.5e-2
+
+
+@pytest.mark.parametrize("m", [1, 7, 300])
+@pytest.mark.parametrize("activations", ["native", "int8"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_triton_interpret_odd_m(m, activations, dtype):
+    _check_kernel("triton", m, 600, 96, dtype, activations)   # K=600: not a multiple of TILE_K
+
+
+@pytest.mark.parametrize("k,n", FLUX_SHAPES)
+def test_triton_interpret_flux_shapes(k, n):
+    _check_kernel("triton", 5, k, n, jnp.bfloat16, "native", seed=k + n)
+    _check_kernel("triton", 3, k, n, jnp.bfloat16, "int8", seed=k + n + 1, out_dtype=jnp.bfloat16)
+
+
+def test_triton_interpret_batched_scalar_scale_no_bias():
+    _check_kernel("triton", 6, 512, 64, jnp.bfloat16, "native", lead=(2, 3), bias=False, scalar_scale=True)
+
+
+def test_triton_interpret_configs():
+    x, w, scale, b = problem(40, 768, 256, seed=3)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    ref = pk.ternary_matmul_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
+    for cfg in [TritonConfig(block_m=16, block_n=64), TritonConfig(block_m=32, block_n=256)]:
+        got = ternary_matmul_triton(x, wp, scale, step=None, bias=b, out_dtype=jnp.float32, config=cfg,
+                                    interpret=True)
+        assert rel(got, ref) < 2e-5
+
+
+# --- Mosaic GPU kernel: lowering for CUDA on the CPU machine ------------------------------------
+# JAX 0.10's GPU interpreter cannot run register-operand wgmma, so on CPU the Mosaic GPU kernel is
+# traced and lowered for CUDA (catching shape, layout and tiling errors); the GPU tests run it.
+
+
+def _lower_mgpu(m, k, n, x_dtype, *, out_dtype=jnp.bfloat16, bias=True, config=None):
+    from jax.sharding import AbstractDevice, AbstractMesh
+    from pallas_kernels import mosaic_gpu as mg
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    mesh = AbstractMesh((), (), abstract_device=dev)
+    x = jax.ShapeDtypeStruct((m, k), x_dtype)
+    wp = jax.ShapeDtypeStruct((layout.padded_k(k) // 4, n), jnp.int8)
+    vec = jax.ShapeDtypeStruct((n,), jnp.float32)
+    step = jax.ShapeDtypeStruct((m,), jnp.float32) if x_dtype == jnp.int8 else None
+
+    def f(x, wp, s, st, b):
+        return mg.ternary_matmul_mgpu(x, wp, s, step=st, bias=b, out_dtype=out_dtype, config=config)
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        txt = jax.jit(f).trace(x, wp, vec, step, vec if bias else None).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in txt
+
+
+@pytest.mark.parametrize("k,n", FLUX_SHAPES)
+def test_mosaic_gpu_lowers_for_flux_shapes(k, n):
+    for m in (1, 300, 4608):
+        for x_dtype in (jnp.int8, jnp.bfloat16):
+            _lower_mgpu(m, k, n, x_dtype)
+
+
+def test_mosaic_gpu_lowers_odd_cases():
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _lower_mgpu(7, 600, 256, jnp.float32, out_dtype=jnp.float32)          # K % TILE_K != 0, fp32 split
+    _lower_mgpu(33, 512, 128, jnp.int8, bias=False, config=MgpuConfig(tile_m=64, k_splits=2))
+    _lower_mgpu(256, 1024, 512, jnp.bfloat16, config=MgpuConfig(tile_n=128, tile_m=128, stages=2))
+    _lower_mgpu(300, 768, 256, jnp.bfloat16, config=MgpuConfig(tile_n=64, tile_m=128, stages=4, k_half=True))
+
+
+def test_mosaic_gpu_default_configs_fit_shared_memory():
+    from pallas_kernels import mosaic_gpu as mg
+    for k, n in FLUX_SHAPES:
+        for m in (1, 7, 256, 300, 1536, 4608):
+            for x_dtype in (jnp.int8, jnp.bfloat16):
+                cfg = mg.default_config(m, n, k // layout.TILE_K, x_dtype)
+                cfg.check()
+                out_item = 4 if cfg.k_splits > 1 else 2
+                assert cfg.smem_bytes(jnp.dtype(x_dtype).itemsize, out_item) <= mg.SMEM_LIMIT, (m, k, n, cfg)
+                assert n % (2 * cfg.tile_n) == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
+
+
+def test_mosaic_gpu_refuses_interpret():
+    x, w, scale, _ = problem(4, 256, 128)
+    with pytest.raises(NotImplementedError, match="interpret"):
+        pk.ternary_matmul(x, pk.pack_ternary(jnp.asarray(w)), scale, backend="mosaic_gpu", interpret=True)
+
+
+# --- dispatch and argument checks ---------------------------------------------------------------
+
+
+def test_choose_backend():
+    assert pk.choose_backend("xla") == "xla"
+    assert pk.choose_backend("auto") in pk.BACKENDS
+    assert pk.explain_backend().startswith(pk.choose_backend("auto") + ":")
+    if jax.devices()[0].platform == "cpu":
+        assert pk.choose_backend("auto") == "xla"
+    with pytest.raises(ValueError, match="unknown ternary_matmul backend"):
+        pk.choose_backend("cuda")
+
+
+def test_argument_errors():
+    x, w, scale, _ = problem(4, 512, 64)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    with pytest.raises(ValueError, match="K=256"):
+        pk.ternary_matmul(x[:, :256], wp, scale)
+    with pytest.raises(ValueError, match="floating"):
+        pk.ternary_matmul(x.astype(jnp.int32), wp, scale)
+    with pytest.raises(ValueError, match="int8"):
+        pk.ternary_matmul(x, wp.astype(jnp.int32), scale)
+    with pytest.raises(ValueError, match="scale"):
+        pk.ternary_matmul(x, wp, scale[:3])
+    with pytest.raises(ValueError, match="bias"):
+        pk.ternary_matmul(x, wp, scale, bias=scale[:5])
+    with pytest.raises(ValueError, match="activations"):
+        pk.ternary_matmul(x, wp, scale, activations="int4")
+
+
+# --- compiled kernels on the GPU ----------------------------------------------------------------
+
+
+def _gpu_backends():
+    names = ["triton"]
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is not None and str(cc).startswith("9"):
+        names.append("mosaic_gpu")
+    return names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_gpu_odd_m(m):
+    for backend in _gpu_backends():
+        for dtype in (jnp.bfloat16, jnp.float32):
+            for act in ("native", "int8"):
+                _check_kernel(backend, m, 600, 256, dtype, act,
+                              interpret=False, seed=m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", FLUX_SHAPES)
+def test_gpu_flux_shapes(k, n):
+    for backend in _gpu_backends():
+        for m in ((1, 256, 1536) if backend == "mosaic_gpu" else (256,)):
+            _check_kernel(backend, m, k, n, jnp.bfloat16, "native", interpret=False, seed=m + k)
+            _check_kernel(backend, m, k, n, jnp.bfloat16, "int8", interpret=False, seed=m + n,
+                          out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_configs():
+    if "mosaic_gpu" not in _gpu_backends():
+        pytest.skip("needs a Hopper GPU")
+    from pallas_kernels.mosaic_gpu import MgpuConfig, ternary_matmul_mgpu
+    x, w, scale, b = problem(512, 1024, 512, seed=5)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    ref = pk.ternary_matmul_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
+    codes, step = pk.quantize_activations(x)
+    ref8 = pk.ternary_matmul_a8_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
+    for cfg in [MgpuConfig(tile_n=64, tile_m=64, stages=3), MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32),
+                MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2),
+                MgpuConfig(tile_n=128, tile_m=64, stages=2, epi_m=32, overlap=False, grid_tile_width=8),
+                MgpuConfig(tile_n=64, tile_m=128, stages=4, k_half=True)]:
+        got = ternary_matmul_mgpu(x, wp, scale, step=None, bias=b, out_dtype=jnp.float32, config=cfg)
+        assert rel(got, ref) < 2e-5, cfg
+        got8 = ternary_matmul_mgpu(codes, wp, scale, step=step, bias=b, out_dtype=jnp.float32, config=cfg)
+        assert rel(got8, ref8) < 1e-5, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend():
+    want = "mosaic_gpu" if "mosaic_gpu" in _gpu_backends() else "triton"
+    assert pk.choose_backend("auto") == want
