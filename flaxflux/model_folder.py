@@ -36,6 +36,19 @@ COMPONENT_CONFIG = "config.json"
 SHARD_INDEX = "model.safetensors.index.json"
 SINGLE_SHARD = "model.safetensors"
 
+# model_index.json of a FLUX.1 snapshot in the diffusers layout (which class loads each folder).
+FLUX_MODEL_INDEX = {
+    "_class_name": "FluxPipeline",
+    "_diffusers_version": "0.30.0",  # the version FLUX.1-dev's own configs name
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     h = hashlib.sha256()

@@ -61,10 +61,11 @@ class FluxPipeline:
         self._decode = _compiled(vae, "decode")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: Any = jnp.bfloat16, *, max_sequence_length: int = 512,
+    def from_pretrained(cls, path: str | Path, dtype: Any = jnp.bfloat16, *, max_sequence_length: int | None = None,
                         t5_quantize: str | None = None) -> "FluxPipeline":
         """Load every component from a flaxflux model folder (bf16 or ternary transformer) or a
-        raw diffusers FLUX snapshot (model_index.json)."""
+        raw diffusers FLUX snapshot (model_index.json). max_sequence_length: the T5 length
+        prompts are padded to; None takes tokenizer_2's model_max_length (512 for FLUX.1)."""
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: not a folder (expected a flaxflux model folder or a FLUX snapshot)")

@@ -78,7 +78,7 @@ def _folder(path: str | Path, subfolder: str, marker: tuple[str, ...]) -> Path:
 
 
 def _load(cls_name: str, path: str | Path, subfolder: str, markers: tuple[str, ...], needs: str,
-          max_length: int, name: str) -> PromptTokenizer:
+          max_length: int | None, name: str, default_length: int) -> PromptTokenizer:
     import transformers
 
     folder = _folder(path, subfolder, markers)
@@ -86,6 +86,10 @@ def _load(cls_name: str, path: str | Path, subfolder: str, markers: tuple[str, .
         tok = getattr(transformers, cls_name).from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{folder}: cannot load the {name} (needs {needs}): {e}") from e
+    if max_length is None:
+        # the folder's own model_max_length (transformers reports a huge number when unset),
+        # capped at the FLUX default
+        max_length = min(int(tok.model_max_length), default_length)
     return PromptTokenizer(tok, max_length, name)
 
 
@@ -93,14 +97,15 @@ def load_clip_tokenizer(path: str | Path, max_length: int = CLIP_MAX_LENGTH) -> 
     """CLIPTokenizer from a `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json) or a
     snapshot root. Local files only."""
     return _load("CLIPTokenizer", path, CLIP_SUBFOLDER, ("vocab.json", "tokenizer.json"),
-                 "vocab.json + merges.txt or tokenizer.json", max_length, "CLIP tokenizer")
+                 "vocab.json + merges.txt or tokenizer.json", max_length, "CLIP tokenizer", CLIP_MAX_LENGTH)
 
 
-def load_t5_tokenizer(path: str | Path, max_length: int = T5_MAX_LENGTH) -> PromptTokenizer:
+def load_t5_tokenizer(path: str | Path, max_length: int | None = T5_MAX_LENGTH) -> PromptTokenizer:
     """T5TokenizerFast from a `tokenizer_2/` folder (spiece.model and/or tokenizer.json) or a
-    snapshot root. Local files only."""
+    snapshot root. Local files only. max_length=None: the folder's `model_max_length` (at most
+    512), e.g. 32 for the project's reference model, whose transformer was trained at 32 tokens."""
     return _load("T5TokenizerFast", path, T5_SUBFOLDER, ("spiece.model", "tokenizer.json"),
-                 "spiece.model or tokenizer.json", max_length, "T5 tokenizer")
+                 "spiece.model or tokenizer.json", max_length, "T5 tokenizer", T5_MAX_LENGTH)
 
 
 def load_tokenizers(root: str | Path, t5_max_length: int = T5_MAX_LENGTH,

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from flaxflux.model_folder import FLUX_MODEL_INDEX
+
 # --- tokenizers: a sentencepiece T5 model trained on a small corpus, a hand-written CLIP BPE ----------
 
 WORDS = ("a red circle blue square green triangle cat dog photo of the on in with bright dark small "
@@ -105,17 +107,7 @@ TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=4 * VAE_CONFIG["latent_chann
                           guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-MODEL_INDEX = {
-    "_class_name": "FluxPipeline",
-    "_diffusers_version": "0.30.0.dev0",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "FluxTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+MODEL_INDEX = FLUX_MODEL_INDEX
 
 
 def _perturb(model, seed: int) -> None:
