@@ -13,7 +13,7 @@ from flaxflux.config import FluxConfig
 from flaxflux.loading import (abstract_model, check_source, expected_tensors, model_factory,
                               open_transformer)
 from flaxflux.safetensors_io import TAGS
-from flaxflux.ternary import TRITS, trits_shape
+from flaxflux.ternary import TRITS
 
 from .core import Planned, Prepared, Staging, Summary, shard_metadata
 
@@ -69,13 +69,4 @@ def convert_transformer(src_path: Path, staging: Staging, quantize: str, granula
     prepare_transformer(src_path, quantize, granularity, config).write(staging, progress, summary)
 
 
-def stored_bytes(cfg, quantize: str, granularity: str = "tensor") -> int:
-    """Bytes of tensor data a converted transformer folder holds (bf16 dense tensors)."""
-    model_fn, codec = model_factory(cfg, {"quantization": quantize, "granularity": granularity}, jnp.bfloat16)
-    total = 0
-    for name, sds in expected_tensors(abstract_model(model_fn)[-1], codec).items():
-        total += int(np.prod(sds.shape)) * np.dtype(sds.dtype).itemsize
-    return total
-
-
-__all__ = ["QUANTIZATIONS", "convert_transformer", "prepare_transformer", "stored_bytes", "trits_shape"]
+__all__ = ["QUANTIZATIONS", "convert_transformer", "prepare_transformer"]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .layers import init_normal
 from .hf_loading import (
     NEG_INF,
     TensorSpec,
@@ -90,15 +91,11 @@ class CLIPTextConfig:
 CLIP_L = CLIPTextConfig()
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> Array:
-    return (jax.random.normal(rngs.params(), shape, dtype=jnp.float32) * std).astype(dtype)
-
-
 class Dense(nnx.Module):
     """y = x W^T + b, W (out, in) as in PyTorch; `stack` prepends the layer axis."""
 
     def __init__(self, in_f: int, out_f: int, *, stack: tuple[int, ...], dtype: Any, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_init(rngs, (*stack, out_f, in_f), in_f**-0.5, dtype))
+        self.weight = nnx.Param(init_normal(rngs, (*stack, out_f, in_f), in_f**-0.5, dtype))
         self.bias = nnx.Param(jnp.zeros((*stack, out_f), dtype))
 
     def __call__(self, x: Array) -> Array:
@@ -151,8 +148,8 @@ class CLIPTextModel(nnx.Module):
         d = cfg.hidden_size
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.token_embedding = nnx.Param(_init(rngs, (cfg.vocab_size, d), 0.02, dtype))
-        self.position_embedding = nnx.Param(_init(rngs, (cfg.max_position_embeddings, d), 0.01, dtype))
+        self.token_embedding = nnx.Param(init_normal(rngs, (cfg.vocab_size, d), 0.02, dtype))
+        self.position_embedding = nnx.Param(init_normal(rngs, (cfg.max_position_embeddings, d), 0.01, dtype))
         self.layers = CLIPLayer(cfg, stack=(cfg.num_hidden_layers,), dtype=dtype, rngs=rngs)
         self.final_layer_norm = LayerNorm(d, stack=(), dtype=dtype, eps=cfg.layer_norm_eps)
 

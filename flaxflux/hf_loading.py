@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .layers import gelu_tanh
-from .safetensors_io import FLOAT_TAGS, CheckpointError, TensorReader, sharded_files
+from .safetensors_io import FLOAT_TAGS, CheckpointError, TensorReader, read_json, sharded_files
 
 Array = jax.Array
 PathLike = str | Path
@@ -58,16 +58,6 @@ def activation(name: str, where: str) -> Callable[[Array], Array]:
 
 
 # ----------------------------------------------------------------------------- config helpers
-
-def read_json(path: PathLike) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
 
 def config_dict(config: Mapping[str, Any] | PathLike) -> dict[str, Any]:
     """A config given as a dict, a config.json path, or a folder holding config.json. flaxflux's

@@ -21,7 +21,7 @@ from .config import TIMESTEP_DIM
 Array = jax.Array
 
 
-def _init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> Array:
+def init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> Array:
     # Drawn directly in the parameter dtype: a full-size bf16 init never holds an fp32 copy.
     return (jax.random.normal(rngs.params(), shape, dtype=dtype) * jnp.asarray(std, dtype)).astype(dtype)
 
@@ -50,7 +50,7 @@ class Linear(nnx.Module):
     ):
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nnx.Param(_init_normal(rngs, (*stack, out_features, in_features), in_features**-0.5, dtype))
+        self.weight = nnx.Param(init_normal(rngs, (*stack, out_features, in_features), in_features**-0.5, dtype))
         self.bias = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
 
     def __call__(self, x: Array) -> Array:

@@ -316,10 +316,3 @@ def state_to_bfl(model: FluxTransformer) -> dict[str, np.ndarray]:
         a = np.asarray(flat[t.internal])
         out[t.bfl] = a[t.layer] if t.layer is not None else a
     return out
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e

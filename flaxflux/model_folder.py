@@ -21,12 +21,11 @@ Loading verifies every file against manifest.json (sha256) unless verification i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .safetensors_io import CheckpointError, sharded_files
+from .safetensors_io import CheckpointError, read_json, sharded_files
 
 FORMAT = "flaxflux"
 FORMAT_VERSION = 1
@@ -58,18 +57,11 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
-
-
 def find_root(path: Path) -> Path | None:
     """The model folder that `path` is (or is a component of), or None for foreign folders."""
     for cand in (path, path.parent):
         if (cand / ROOT_FILE).is_file():
-            info = _read_json(cand / ROOT_FILE)
+            info = read_json(cand / ROOT_FILE)
             if info.get("format") != FORMAT:
                 raise CheckpointError(f"{cand / ROOT_FILE}: not a flaxflux model folder")
             if info.get("format_version") != FORMAT_VERSION:
@@ -81,7 +73,7 @@ def find_root(path: Path) -> Path | None:
 
 def verify_manifest(root: Path, component: str | None = None) -> None:
     """Check sizes and sha256 of the files listed in manifest.json (of one component, or all)."""
-    manifest = _read_json(root / MANIFEST)
+    manifest = read_json(root / MANIFEST)
     for rel, entry in manifest.get("files", {}).items():
         if component is not None and not rel.startswith(component + "/"):
             continue
@@ -104,7 +96,7 @@ def open_component(path: Path, name: str, verify: bool | None = None) -> tuple[l
     cfg_path = comp / COMPONENT_CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{root}: flaxflux folder has no {name}/ component")
-    info = _read_json(cfg_path)
+    info = read_json(cfg_path)
     if info.get("flaxflux_component") != name:
         raise CheckpointError(f"{cfg_path}: not a flaxflux {name} config")
     if verify is None:

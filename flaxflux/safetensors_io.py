@@ -43,6 +43,17 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder is not what it should be; the message names file and tensor."""
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file, or a CheckpointError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Validate the framing of a safetensors file; return (tensor entries, __metadata__)."""
     path = Path(path)

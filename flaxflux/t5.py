@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .layers import init_normal
 from .hf_loading import (
     TensorSpec,
     activation,
@@ -122,10 +123,6 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_dist
     return out.astype(np.int32)
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> Array:
-    return (jax.random.normal(rngs.params(), shape, dtype=jnp.float32) * std).astype(dtype)
-
-
 class T5Linear(nnx.Module):
     """Bias-free linear with PyTorch's (out, in) weight; with `quantize="int8"` the weight is int8
     and `scale` (out,) fp32 restores each output channel after the matmul."""
@@ -137,7 +134,7 @@ class T5Linear(nnx.Module):
             self.weight = nnx.Param(jnp.zeros(shape, jnp.int8))
             self.scale = nnx.Param(jnp.ones((*stack, out_features), jnp.float32))
         else:
-            self.weight = nnx.Param(_init(rngs, shape, in_features**-0.5, dtype))
+            self.weight = nnx.Param(init_normal(rngs, shape, in_features**-0.5, dtype))
             self.scale = None
 
     def __call__(self, x: Array, out_dtype: Any = None) -> Array:
@@ -208,9 +205,9 @@ class T5Encoder(nnx.Module):
             raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = nnx.Param(_init(rngs, (cfg.vocab_size, cfg.d_model), 1.0, dtype))
+        self.embed_tokens = nnx.Param(init_normal(rngs, (cfg.vocab_size, cfg.d_model), 1.0, dtype))
         self.relative_attention_bias = nnx.Param(
-            _init(rngs, (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.d_model**-0.5, dtype))
+            init_normal(rngs, (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.d_model**-0.5, dtype))
         self.blocks = T5Block(cfg, stack=(cfg.num_layers,), dtype=dtype, quantize=quantize, rngs=rngs)
         self.final_layer_norm = nnx.Param(jnp.ones((cfg.d_model,), dtype))
 

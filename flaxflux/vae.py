@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .layers import init_normal
 from .hf_loading import (
     TensorSpec,
     config_dict,
@@ -131,16 +132,12 @@ FLUX_VAE = VAEConfig()
 
 # ----------------------------------------------------------------------------- layers
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> Array:
-    return (jax.random.normal(rngs.params(), shape, dtype=jnp.float32) * std).astype(dtype)
-
-
 class Conv2d(nnx.Module):
     """NHWC convolution with a PyTorch-layout (out, in, kh, kw) weight and a bias."""
 
     def __init__(self, cin: int, cout: int, k: int, *, dtype: Any, rngs: nnx.Rngs, stride: int = 1,
                  padding: tuple[tuple[int, int], tuple[int, int]] | None = None):
-        self.weight = nnx.Param(_init(rngs, (cout, cin, k, k), (cin * k * k) ** -0.5, dtype))
+        self.weight = nnx.Param(init_normal(rngs, (cout, cin, k, k), (cin * k * k) ** -0.5, dtype))
         self.bias = nnx.Param(jnp.zeros((cout,), dtype))
         self.stride = stride
         self.padding = padding if padding is not None else ((k // 2, k // 2), (k // 2, k // 2))
@@ -192,7 +189,7 @@ class ResnetBlock(nnx.Module):
 
 class Linear(nnx.Module):
     def __init__(self, dim: int, *, dtype: Any, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_init(rngs, (dim, dim), dim**-0.5, dtype))
+        self.weight = nnx.Param(init_normal(rngs, (dim, dim), dim**-0.5, dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), dtype))
 
     def __call__(self, x: Array) -> Array:

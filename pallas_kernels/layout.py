@@ -125,3 +125,18 @@ def unpack_ternary_np(packed: np.ndarray, k: int | None = None) -> np.ndarray:
     planes = [((b >> np.uint8(2 * p)) & np.uint8(3)).astype(np.int8) - np.int8(1) for p in range(PLANES)]
     w = np.stack(planes, axis=1).transpose(0, 1, 3, 2).reshape(kp4 * PLANES, n).astype(np.int8)
     return w if k is None else w[:k]
+
+
+def kernel_operands(parts, m: int, k: int, mp: int, w3, scale, step=None) -> list:
+    """The operands both Pallas kernels take: the activation parts (each (m, k_i)) zero-padded to
+    `mp` rows and whole K tiles and joined along K, the tiled weights, the fp32 scale, and (for
+    W1.58A8) the per-row activation step padded to `mp` rows."""
+    import jax.numpy as jnp
+
+    kp = w3.shape[0] * TILE_K
+    xs = (jnp.concatenate([jnp.pad(xp, ((0, mp - m), (0, kp - k))) for xp in parts], axis=1)
+          if (mp, kp) != (m, k) or len(parts) > 1 else parts[0])
+    args = [xs, w3, scale.astype(jnp.float32)]
+    if step is not None:
+        args.append(jnp.pad(step.astype(jnp.float32), (0, mp - m)))
+    return args

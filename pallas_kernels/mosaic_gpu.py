@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .layout import PLANES, SLAB, TILE_K, packed_tiles
+from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles
 
 # wgmma tile constraints: A (weights) rows come in groups of 64 per warpgroup; B columns (tokens)
 # a multiple of 8 and at most 256.
@@ -414,12 +414,8 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
         raise ValueError(f"{cfg} needs {cfg.smem_bytes(parts[0].dtype.itemsize, out_item)} bytes of shared "
                          f"memory, more than {SMEM_LIMIT}")
     mp = -(-m // cfg.tile_m) * cfg.tile_m
-    kp = t_w * TILE_K
-    xs = jnp.concatenate([jnp.pad(xp, ((0, mp - m), (0, kp - k))) for xp in parts], axis=1) \
-        if (mp, kp) != (m, k) or len(parts) > 1 else parts[0]
-    args = [xs, w3, scale.astype(jnp.float32)]
-    if step is not None:
-        args.append(jnp.pad(step.astype(jnp.float32), (0, mp - m)))
+    args = kernel_operands(parts, m, k, mp, w3, scale, step)
+    xs = args[0]
     use_bias = bias is not None and cfg.k_splits == 1
     if use_bias:
         args.append(bias.astype(jnp.float32))

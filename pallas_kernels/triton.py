@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .layout import PLANES, SLAB, TILE_K, packed_tiles
+from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +116,7 @@ def ternary_matmul_triton(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array,
         raise ValueError(f"triton backend needs N a multiple of block_n={cfg.block_n}, got N={n}")
     # Whole blocks only: rows are padded (a partial block would store out of bounds on the GPU).
     mp = -(-m // cfg.block_m) * cfg.block_m
-    kp = t_w * TILE_K
-    xs = jnp.concatenate([jnp.pad(xp, ((0, mp - m), (0, kp - k))) for xp in parts], axis=1) \
-        if (mp, kp) != (m, k) or len(parts) > 1 else parts[0]
-    args = [xs, w3, scale.astype(jnp.float32)]
-    if step is not None:
-        args.append(jnp.pad(step.astype(jnp.float32), (0, mp - m)))
+    args = kernel_operands(parts, m, k, mp, w3, scale, step)
     if bias is not None:
         args.append(bias.astype(jnp.float32))
     call = _build(mp, n, t_w, t_w * len(parts), str(jnp.dtype(out_dtype)), step is not None, bias is not None,
