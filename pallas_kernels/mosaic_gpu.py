@@ -376,6 +376,16 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     return cfg
 
 
+def fit_pipeline(cfg: MgpuConfig, k_tiles: int) -> MgpuConfig:
+    """cfg with no more pipeline stages than the K loop has steps. Small models (K = 256: one
+    K-tile) would otherwise ask the pipeline for more concurrent steps than it runs, which
+    faulted on the GPU (CUDA_ERROR_LAUNCH_FAILED)."""
+    steps = (k_tiles // cfg.k_splits) * (TILE_K // cfg.step_k())
+    if cfg.stages <= steps:
+        return cfg
+    return dataclasses.replace(cfg, stages=steps, overlap=cfg.overlap and steps >= 3)
+
+
 def supports(n: int) -> bool:
     """Whether the Mosaic GPU kernel tiles N (the weight's output features)."""
     return n % (NUM_COMPUTE_WGS * WG_ROWS) == 0
@@ -407,7 +417,8 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     if step is not None and x2d.dtype != jnp.int8:
         raise ValueError("step (per-token activation scale) goes with int8 activations only")
     t_x = t_w * len(parts)
-    cfg = config or default_config(m, n, t_x, parts[0].dtype, num_sms(), jnp.dtype(out_dtype).itemsize)
+    cfg = config or fit_pipeline(default_config(m, n, t_x, parts[0].dtype, num_sms(), jnp.dtype(out_dtype).itemsize),
+                                 t_x)
     cfg.check()
     out_item = 4 if cfg.k_splits > 1 else jnp.dtype(out_dtype).itemsize
     if cfg.smem_bytes(parts[0].dtype.itemsize, out_item) > SMEM_LIMIT:

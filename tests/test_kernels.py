@@ -188,6 +188,18 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
                 assert n % (2 * cfg.tile_n) == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
 
 
+def test_mosaic_gpu_pipeline_never_deeper_than_the_k_loop():
+    # The reference model's K = 256 is one K-tile: a 4-stage pipeline over 1 step faulted on the GPU.
+    from pallas_kernels import mosaic_gpu as mg
+    for k in (256, 512, 768, 1024, 1280, 3072):
+        for m in (1, 64, 300, 6144):
+            for x_dtype in (jnp.int8, jnp.bfloat16):
+                k_tiles = k // layout.TILE_K
+                cfg = mg.fit_pipeline(mg.default_config(m, 768, k_tiles, x_dtype), k_tiles)
+                cfg.check()
+                assert cfg.stages <= (k_tiles // cfg.k_splits) * (layout.TILE_K // cfg.step_k()), (k, m, cfg)
+
+
 def test_mosaic_gpu_refuses_interpret():
     x, w, scale, _ = problem(4, 256, 128)
     with pytest.raises(NotImplementedError, match="interpret"):
@@ -250,6 +262,20 @@ def test_gpu_odd_m(m):
 def test_gpu_flux_shapes(k, n):
     for backend in _gpu_backends():
         for m in ((1, 256, 1536) if backend == "mosaic_gpu" else (256,)):
+            _check_kernel(backend, m, k, n, jnp.bfloat16, "native", interpret=False, seed=m + k)
+            _check_kernel(backend, m, k, n, jnp.bfloat16, "int8", interpret=False, seed=m + n,
+                          out_dtype=jnp.bfloat16)
+
+
+# Every linear of the shipped reference model (hidden 256): K of one to five tiles.
+REFMODEL_SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 1536), (256, 1792), (1280, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", REFMODEL_SHAPES)
+def test_gpu_small_model_shapes(k, n):
+    for backend in _gpu_backends():
+        for m in (64, 300, 6144):
             _check_kernel(backend, m, k, n, jnp.bfloat16, "native", interpret=False, seed=m + k)
             _check_kernel(backend, m, k, n, jnp.bfloat16, "int8", interpret=False, seed=m + n,
                           out_dtype=jnp.bfloat16)

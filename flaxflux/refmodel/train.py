@@ -515,9 +515,11 @@ def stage_data(run: Run, vocab: Vocab, vae_params: jax.Array, factors: tuple[flo
     cat_counts = {c: categories.count(c) for c in sorted(set(categories))}
     arrays = {"latents": latents, "caption_idx": idx, "t5_ids": t5_ids, "clip_ids": clip_ids}
     datalib.save_arrays(folder, arrays, {"n": n, "captions": table, "categories": cat_counts,
-                                         "latent_mean": float(latents.mean()), "latent_std": float(latents.std())})
+                                         # fp64 statistics: the cache is 16-bit, and a 16-bit sum overflows
+                                         "latent_mean": float(latents.mean(dtype=np.float64)),
+                                         "latent_std": float(latents.std(dtype=np.float64))})
     run.log(stage="data", examples=n, distinct_captions=len(table), seconds=round(time.perf_counter() - t, 1),
-            latent_std=float(latents[:4096].std()))
+            latent_std=float(latents[:4096].std(dtype=np.float64)))
     return arrays
 
 
