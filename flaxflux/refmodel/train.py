@@ -65,6 +65,7 @@ from ..clip import CLIPTextModel
 from ..t5 import T5Encoder
 from ..transformer import FluxTransformer
 from ..vae import AutoencoderKL
+from ..checkpoints import Checkpoints
 from . import data as datalib
 from . import tokenizers as toklib
 from .config import PRESETS, SCHEDULER, Recipe, Stage
@@ -208,40 +209,6 @@ def fresh_state(vec: jax.Array, stage: Stage) -> dict:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-
-
-class Checkpoints:
-    """Orbax CheckpointManager over a train-state pytree, stored as its flat list of leaves (any
-    pytree structure round-trips exactly through the template it is restored into)."""
-
-    def __init__(self, folder: Path, keep: int = 2):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        folder.mkdir(parents=True, exist_ok=True)
-        self.manager = ocp.CheckpointManager(folder.resolve(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, tree: Any) -> None:
-        leaves = {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
-        self.manager.save(step, args=self._ocp.args.StandardSave(leaves), force=True)
-        self.manager.wait_until_finished()
-
-    def restore(self, step: int, template: Any) -> Any:
-        """The checkpoint of `step` in the structure of `template` (arrays or ShapeDtypeStructs)."""
-        leaves, treedef = jax.tree.flatten(template)
-        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for i, x in enumerate(leaves)}
-        got = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-        # through numpy: plain default-device arrays, like a fresh state's, so the compiled step
-        # is reused rather than recompiled for another input placement
-        return jax.tree.unflatten(treedef, [jnp.asarray(np.asarray(got[f"{i:05d}"])) for i in range(len(leaves))])
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
 
 
 # ------------------------------------------------------------------------------------ the run
