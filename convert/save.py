@@ -10,6 +10,7 @@ from flax import nnx
 import pallas_kernels as pk
 from flaxflux import naming
 from flaxflux.loading import _flat_params, abstract_model, expected_tensors, model_factory
+from flaxflux.model_folder import MANIFEST, ROOT_FILE
 from flaxflux.safetensors_io import TAGS
 from flaxflux.ternary import PACKED, TRITS, TernaryLinear, encode_trits_np, unpack_stacked
 from flaxflux.transformer import FluxTransformer
@@ -26,9 +27,19 @@ def _quantization(model: FluxTransformer) -> dict:
     return {"quantization": "ternary", "granularity": grans.pop()}
 
 
-def save_transformer(model: FluxTransformer, out: str | Path, *, force: bool = False) -> Summary:
+def save_transformer(model: FluxTransformer, out: str | Path, *, force: bool = False,
+                     components_from: str | Path | None = None, source: dict | None = None) -> Summary:
     """Write `model` to `out` (atomically) in the same format `flaxflux convert` produces; loading
-    it back with `load_transformer` gives the same parameters bit for bit."""
+    it back with `load_transformer` gives the same parameters bit for bit.
+
+    components_from: a flaxflux model folder whose other components (text encoders, VAE,
+    tokenizers, scheduler, model_index.json) are copied beside the transformer, making `out` a
+    whole pipeline folder. source: provenance recorded in flaxflux.json."""
+    if components_from is not None:
+        components_from = Path(components_from)
+        if not (components_from / MANIFEST).is_file():
+            raise FileNotFoundError(f"components_from={components_from}: not a flaxflux model folder "
+                                    f"(no {MANIFEST}); convert it first with `flaxflux convert`")
     cfg = model.config
     comp = _quantization(model)
     model_fn, codec = model_factory(cfg, comp, model.dtype)
@@ -65,6 +76,15 @@ def save_transformer(model: FluxTransformer, out: str | Path, *, force: bool = F
     with Staging(Path(out), force) as staging:
         write_component(staging, "transformer", plan, produce, meta, lambda n: None, summary)
         staging.write_json("transformer/config.json", config)
-        staging.commit({"components": ["transformer"], "quantization": comp["quantization"],
-                        "source": {"in_memory_model": True}, "not_converted": []})
+        if components_from is not None:
+            for item in sorted(components_from.iterdir()):
+                if item.name in ("transformer", MANIFEST, ROOT_FILE) or item.name.startswith("."):
+                    continue
+                if item.is_dir():
+                    staging.copy_tree(item, item.name)
+                    summary.components.append(item.name)
+                else:
+                    staging.copy_file(item, item.name)
+        staging.commit({"components": summary.components, "quantization": comp["quantization"],
+                        "source": {"in_memory_model": True, **(source or {})}, "not_converted": []})
     return summary

@@ -1,4 +1,4 @@
-"""`flaxflux` command line: convert, info, demo (generate arrives with the sampler)."""
+"""`flaxflux` command line: convert, generate, info, demo, distill."""
 
 from __future__ import annotations
 
@@ -56,6 +56,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .distill import DistillConfig, OutOfTime, distill
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.guidance_range is not None:
+        kw["guidance_range"] = tuple(args.guidance_range)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    try:
+        out = distill(args.teacher, args.prompts, args.out, DistillConfig(**kw), work=args.work, force=args.force,
+                      time_limit_min=args.time_limit, progress=not args.no_progress)
+    except OutOfTime as e:
+        print(f"flaxflux distill: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flaxflux", description="1.58-bit FLUX in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +112,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("distill", help="distill a bf16 FLUX into a 1.58-bit one from its own outputs")
+    p.add_argument("teacher", help="the bf16 teacher: flaxflux model folder or diffusers FLUX snapshot")
+    p.add_argument("prompts", help="text file, one calibration prompt per line")
+    p.add_argument("out", help="output: a ternary flaxflux model folder (written atomically at the end)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--granularity", choices=("tensor", "channel"))
+    p.add_argument("--objective", choices=("velocity", "flow"),
+                   help="velocity: match the teacher's velocity (default); flow: reflow on the teacher's samples")
+    p.add_argument("--size", type=int, help="image side (default: the scheduler's base resolution)")
+    p.add_argument("--samples-per-prompt", type=int)
+    p.add_argument("--sample-steps", type=int, help="teacher sampling steps for the teacher data")
+    p.add_argument("--guidance-range", type=float, nargs=2)
+    p.add_argument("--holdout", type=int, help="prompts kept out for the held-out velocity error")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--remat", action="store_true", default=None, help="recompute activations (large models)")
+    p.add_argument("--work", help="work folder: teacher data, checkpoints, log (default OUT.work)")
+    p.add_argument("--time-limit", type=float, help="minutes; checkpoint and exit 3 (rerun to continue)")
+    p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() first")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_distill)
     p = sub.add_parser("demo", help="run the embedded default job end to end")
     p.add_argument("--out", default="out", help="folder for the demo's outputs")
     p.set_defaults(func=_cmd_demo)

@@ -62,15 +62,20 @@ class FluxPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = jnp.bfloat16, *, max_sequence_length: int | None = None,
-                        t5_quantize: str | None = None) -> "FluxPipeline":
+                        t5_quantize: str | None = None, transformer: str | Path | None = None) -> "FluxPipeline":
         """Load every component from a flaxflux model folder (bf16 or ternary transformer) or a
         raw diffusers FLUX snapshot (model_index.json). max_sequence_length: the T5 length
-        prompts are padded to; None takes tokenizer_2's model_max_length (512 for FLUX.1)."""
+        prompts are padded to; None takes tokenizer_2's model_max_length (512 for FLUX.1).
+        transformer: another folder to take the transformer from (e.g. a distilled ternary one
+        saved alone), the other components still coming from `path`."""
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: not a folder (expected a flaxflux model folder or a FLUX snapshot)")
+        if transformer is not None and not Path(transformer).is_dir():
+            raise FileNotFoundError(f"transformer={transformer}: not a folder (expected a flaxflux or diffusers "
+                                    "transformer folder)")
         return cls(
-            transformer=load_transformer(root, dtype=dtype),
+            transformer=load_transformer(root if transformer is None else Path(transformer), dtype=dtype),
             vae=load_vae(root, dtype=dtype),
             clip=load_clip(root, dtype=dtype),
             t5=load_t5(root, dtype=dtype, quantize=t5_quantize),

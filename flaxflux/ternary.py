@@ -21,7 +21,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 
-from .layers import Linear
+from .layers import Linear, dense
 from .loading import BflSource, DenseCodec
 
 GRANULARITIES = ("tensor", "channel")
@@ -147,6 +147,58 @@ class TernaryLinear(nnx.Module):
                                  out_dtype=x.dtype, backend=self.backend, activations=self.activations)
 
 
+class QATLinear(nnx.Module):
+    """The training form of a TernaryLinear (quantization-aware training, distillation): a latent
+    full-precision weight, ternarized in every forward pass with a straight-through estimator
+    (`fake_ternarize`), and a learnable scale. `to_ternary` packs what the forward pass uses."""
+
+    def __init__(self, weight: jax.Array, scale: jax.Array, bias: jax.Array | None, granularity: str):
+        _check_granularity(granularity)
+        self.in_features, self.out_features = int(weight.shape[-1]), int(weight.shape[-2])
+        self.granularity = granularity
+        self.weight = nnx.Param(weight)
+        self.weight_scale = nnx.Param(scale.astype(jnp.float32))
+        self.bias = nnx.Param(bias) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, lin: Linear, granularity: str = "tensor") -> "QATLinear":
+        """Latent weight = the dense weight; scale = its absmean (where ternarization starts)."""
+        w = lin.weight[...]
+        return cls(w, absmean_scale(w, granularity), None if lin.bias is None else lin.bias[...], granularity)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = fake_ternarize(self.weight[...], self.granularity, self.weight_scale[...])
+        y = dense(x, w)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+    def to_ternary(self, dtype: Any = jnp.bfloat16, **kw) -> TernaryLinear:
+        stack = self.weight.shape[:-2]
+        new = TernaryLinear(self.in_features, self.out_features, bias=self.bias is not None, stack=stack,
+                            granularity=self.granularity, dtype=dtype, **kw)
+        scale = self.weight_scale[...].astype(jnp.float32)
+        new.weight_packed[...] = pack_stacked(_codes(self.weight[...], scale).astype(jnp.int8))
+        new.weight_scale[...] = scale
+        if self.bias is not None:
+            new.bias[...] = self.bias[...].astype(dtype)
+        return new
+
+
+def to_qat(model: nnx.Module, granularity: str = "tensor") -> nnx.Module:
+    """Replace every block linear by a QATLinear (latent weights, absmean-initialised scales), in place."""
+    for parent, name, lin, _ in list(block_linears(model)):
+        if isinstance(lin, Linear):
+            setattr(parent, name, QATLinear.from_linear(lin, granularity))
+    return model
+
+
+def from_qat(model: nnx.Module, dtype: Any = jnp.bfloat16, **kw) -> nnx.Module:
+    """Replace every QATLinear by the TernaryLinear its forward pass computes, in place."""
+    for parent, name, lin, _ in list(block_linears(model)):
+        if isinstance(lin, QATLinear):
+            setattr(parent, name, lin.to_ternary(dtype, **kw))
+    return model
+
+
 @jax.jit
 def pack_stacked(codes: jax.Array) -> jax.Array:
     """(..., out, in) int8 codes -> (..., K_pad/4, out) compute layout, per stacked layer."""
@@ -168,7 +220,7 @@ def unpack_stacked(packed: jax.Array, in_features: int) -> jax.Array:
 
 def _block_linears(module: nnx.Module, prefix: str = "") -> Iterator[tuple[nnx.Module, str, Any, str]]:
     for name, child in list(vars(module).items()):
-        if isinstance(child, (Linear, TernaryLinear)):
+        if isinstance(child, (Linear, TernaryLinear, QATLinear)):
             yield module, name, child, prefix + name
         elif isinstance(child, nnx.Module):
             yield from _block_linears(child, prefix + name + ".")

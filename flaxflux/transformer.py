@@ -136,14 +136,21 @@ class LastLayer(nnx.Module):
         return self.linear(modulate(x, shift, scale))
 
 
+LayerHook = Callable[[Any], Any]
+
+
 def scan_blocks(blocks: nnx.Module, carry: Any, step: Callable[[nnx.Module, Any, Any], Any], xs: Any = None,
-                remat: bool = False) -> Any:
+                remat: bool = False, layer_hook: LayerHook | None = None) -> Any:
     """Run `step(layer, carry, x)` for each layer of a stacked block module with `lax.scan`;
-    `xs` are per-layer inputs (leading axis = layers), x is None if there are none."""
+    `xs` are per-layer inputs (leading axis = layers), x is None if there are none.
+    `layer_hook(layer_state)` runs on each layer's parameters inside the loop (FSDP: gather
+    one layer's sharded weights at a time)."""
     graphdef, state = nnx.split(blocks)
 
     def body(c, inputs):
         layer_state, x = inputs
+        if layer_hook is not None:
+            layer_state = layer_hook(layer_state)
         return step(nnx.merge(graphdef, layer_state), c, x), None
 
     if remat:
@@ -152,10 +159,11 @@ def scan_blocks(blocks: nnx.Module, carry: Any, step: Callable[[nnx.Module, Any,
     return carry
 
 
-def map_blocks(blocks: nnx.Module, fn: Callable[[nnx.Module], Any]) -> Any:
+def map_blocks(blocks: nnx.Module, fn: Callable[[nnx.Module], Any], layer_hook: LayerHook | None = None) -> Any:
     """`fn(layer)` for every layer of a stacked block module, outputs stacked on a leading axis."""
     graphdef, state = nnx.split(blocks)
-    return jax.lax.map(lambda s: fn(nnx.merge(graphdef, s)), state)
+    hook = layer_hook or (lambda s: s)
+    return jax.lax.map(lambda s: fn(nnx.merge(graphdef, hook(s))), state)
 
 
 class FluxTransformer(nnx.Module):
@@ -183,15 +191,15 @@ class FluxTransformer(nnx.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance).astype(self.dtype))
         return vec + self.vector_in(y.astype(self.dtype))
 
-    def modulations(self, vec: Array) -> dict[str, Any]:
+    def modulations(self, vec: Array, layer_hook: LayerHook | None = None) -> dict[str, Any]:
         """Every modulation vector of the model for conditioning vectors vec (N, hidden).
 
         They depend only on vec, i.e. on t, guidance and pooled CLIP; a sampler can compute all
         steps' at once (N = steps x batch), reading the 3.2 B modulation weights once per image
         instead of once per step. Layer-stacked: double (L, N, 6h) x2, single (L, N, 3h)."""
         sv = jax.nn.silu(vec)
-        return {"double": map_blocks(self.double_blocks, lambda blk: blk.modulation(sv)),
-                "single": map_blocks(self.single_blocks, lambda blk: blk.modulation(sv)),
+        return {"double": map_blocks(self.double_blocks, lambda blk: blk.modulation(sv), layer_hook),
+                "single": map_blocks(self.single_blocks, lambda blk: blk.modulation(sv), layer_hook),
                 "final": self.final_layer.adaLN_modulation(sv)}
 
     def __call__(
@@ -206,6 +214,7 @@ class FluxTransformer(nnx.Module):
         guidance: Array | None = None,
         mods: dict[str, Any] | None = None,
         remat: bool = False,
+        layer_hook: LayerHook | None = None,
     ) -> Array:
         """Velocity prediction.
 
@@ -220,7 +229,7 @@ class FluxTransformer(nnx.Module):
             if timesteps is None or y is None:
                 raise ValueError("pass timesteps and y (and guidance for FLUX.1-dev), or precomputed mods")
             _check_inputs(cfg, img, img_ids, txt, txt_ids, timesteps, y)
-            mods = self.modulations(self.embed_vector(timesteps, y, guidance))
+            mods = self.modulations(self.embed_vector(timesteps, y, guidance), layer_hook)
         else:
             _check_inputs(cfg, img, img_ids, txt, txt_ids, None, None)
         img = self.img_in(img.astype(self.dtype))
@@ -228,9 +237,9 @@ class FluxTransformer(nnx.Module):
         cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim, cfg.theta)
 
         img, txt = scan_blocks(self.double_blocks, (img, txt), lambda blk, c, m: blk(c[0], c[1], m, cos, sin),
-                               mods["double"], remat)
+                               mods["double"], remat, layer_hook)
         x = jnp.concatenate([txt, img], axis=1)
-        x = scan_blocks(self.single_blocks, x, lambda blk, c, m: blk(c, m, cos, sin), mods["single"], remat)
+        x = scan_blocks(self.single_blocks, x, lambda blk, c, m: blk(c, m, cos, sin), mods["single"], remat, layer_hook)
         return self.final_layer(x[:, txt.shape[1] :], mods["final"])
 
 
