@@ -183,7 +183,7 @@ def test_demo_runs_on_an_export(micro_run, tmp_path):
 
     img = Image.open(result["png"])
     assert img.size[0] > 2 * MICRO.sizes.image_size and img.size[1] > 2 * MICRO.sizes.image_size
-    assert set(result["scores"]) == {"bf16", "1.58-bit"}
+    assert set(result["scores"]) == {"bf16", "1.58-bit absmean"}  # no distilled transformer for this model
     assert all(0.0 <= v <= 1.0 for s in result["scores"].values() for v in s.values())
 
 

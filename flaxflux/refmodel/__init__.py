@@ -13,6 +13,10 @@ from pathlib import Path
 
 # Where the trained model ships (diffusers FLUX.1-dev layout), inside the package.
 SHIPPED_MODEL = Path(__file__).resolve().parent / "model"
+# The shipped model's transformer after ternary distillation (`flaxflux distill`), saved alone as
+# a flaxflux transformer folder; the other components are SHIPPED_MODEL's:
+#   FluxPipeline.from_pretrained(SHIPPED_MODEL, transformer=DISTILLED_TRANSFORMER)
+DISTILLED_TRANSFORMER = Path(__file__).resolve().parent / "distilled"
 
 
 def demo(out_dir: str | Path = "out", model_dir: str | Path | None = None, **kwargs) -> dict:
@@ -22,4 +26,4 @@ def demo(out_dir: str | Path = "out", model_dir: str | Path | None = None, **kwa
     return run_demo(out_dir, model_dir=model_dir, **kwargs)
 
 
-__all__ = ["SHIPPED_MODEL", "demo"]
+__all__ = ["DISTILLED_TRANSFORMER", "SHIPPED_MODEL", "demo"]

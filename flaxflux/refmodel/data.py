@@ -120,3 +120,21 @@ def load_arrays(folder: Path, names: Sequence[str]) -> tuple[dict[str, np.ndarra
     if not (folder / "meta.json").is_file():
         return None
     return {n: np.load(folder / f"{n}.npy") for n in names}, json.loads((folder / "meta.json").read_text())
+
+
+def calibration_prompts(n: int = 2048, seed: int = 20241224) -> list[str]:
+    """Distillation prompts (the role Parti + T2I-CompBench play for the paper): n distinct
+    seeded captions of the scenes world, none of them a GenEval-mini evaluation prompt, so the
+    quality benchmark measures prompts the distillation never saw."""
+    held_out = {scenes.caption(p) for p in scenes.evaluation_prompts()}
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    for _ in range(200 * n):
+        c = scenes.caption(scenes.sample_prompt(rng))
+        if c not in held_out and c not in seen:
+            seen.add(c)
+            out.append(c)
+            if len(out) == n:
+                return out
+    raise ValueError(f"the scenes world has fewer than {n} distinct non-evaluation captions ({len(out)} found)")
