@@ -159,12 +159,6 @@ def noise(seed: int, idx: jax.Array, tokens: int, channels: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (tokens, channels)))(idx)
 
 
-def sample_t(key: jax.Array, batch: int, mu: float) -> jax.Array:
-    """FLUX's training times: logit-normal, then the exponential shift by mu."""
-    t = jnp.clip(jax.nn.sigmoid(jax.random.normal(key, (batch,))), 1e-5, 1.0 - 1e-5)
-    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
-
-
 # ------------------------------------------------------------------------------------ the step
 
 
@@ -226,7 +220,7 @@ def make_step(student_gd: nnx.GraphDef, teacher_gd: nnx.GraphDef, keep_fp32: set
 
     def train(state, teacher_params, batch):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), TIME_STREAM), state["step"])
-        t = split(sample_t(key, batch["idx"].shape[0], mu))
+        t = split(sampler.training_times(key, batch["idx"].shape[0], mu))
         if cfg.objective == "flow":  # reflow on the teacher's pairs: no teacher call in the step
             xt, img_ids, v_t = line(batch, t)
         else:
@@ -319,10 +313,6 @@ def _u16(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16))
 
 
-def _bf16(bits: np.ndarray) -> jax.Array:
-    return jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.bfloat16)
-
-
 def teacher_data(pipe: Any, prompts: list[str], cfg: DistillConfig, side: tuple[int, int], folder: Path,
                  mesh: Mesh, progress: bool = True) -> dict[str, np.ndarray]:
     """Encode every prompt and sample the teacher (see the module docstring); cached in `folder`
@@ -345,7 +335,8 @@ def teacher_data(pipe: Any, prompts: list[str], cfg: DistillConfig, side: tuple[
     prompt_idx = np.repeat(np.arange(n_p, dtype=np.int32), k)
     g_lo, g_hi = cfg.guidance_range
     g_all = np.random.default_rng([cfg.seed, GUIDANCE_STREAM]).uniform(g_lo, g_hi, n_s).astype(np.float32)
-    x0_all = np.lib.format.open_memmap(tmp / "x0.npy", mode="w+", dtype=np.uint16, shape=(n_s, tokens, 64))
+    channels = pipe.transformer.config.in_channels
+    x0_all = np.lib.format.open_memmap(tmp / "x0.npy", mode="w+", dtype=np.uint16, shape=(n_s, tokens, channels))
     sigmas = jnp.asarray(sampler.sigma_schedule(cfg.sample_steps, tokens, pipe.scheduler_config))
     replicated = NamedSharding(mesh, P())
     teacher_state = jax.device_put(pipe._state, replicated)
@@ -359,8 +350,8 @@ def teacher_data(pipe: Any, prompts: list[str], cfg: DistillConfig, side: tuple[
         idx_p = np.concatenate([idx, np.full(pad, idx[-1], np.int32)])
         bs = lambda a: jax.device_put(a, batch_sharding(mesh, np.ndim(a)))  # noqa: E731
         p = prompt_idx[idx_p]
-        latents = bs(noise(cfg.seed, jnp.asarray(idx_p), tokens, pipe.transformer.config.in_channels))
-        txt = bs(_bf16(txt_all[p]))
+        latents = bs(noise(cfg.seed, jnp.asarray(idx_p), tokens, channels))
+        txt = bs(txt_all[p].view(jnp.bfloat16))
         bp = len(idx_p)
         out = sampler.denoise(pipe._graphdef, teacher_state, latents, sampler.image_ids(bp, h, w), txt,
                               jnp.zeros((bp, txt.shape[1], 3), jnp.float32), bs(jnp.asarray(pooled_all[p])),
@@ -401,9 +392,8 @@ def device_batch(host: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         rows = v.shape[0] // nproc
         local = v[pid * rows:(pid + 1) * rows]
         if k in ("x0", "txt"):
-            local = _bf16(local)
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), np.asarray(local)
-                                                        if not isinstance(local, jax.Array) else np.asarray(local))
+            local = local.view(jnp.bfloat16)  # stored as bf16 bits (uint16)
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), local)
     return out
 
 
@@ -564,7 +554,7 @@ def _evaluator(step_fns: Step, data: dict, cfg: DistillConfig, mesh: Mesh, n_tra
     host = host_batch(data, idx)
     # fixed times spread over (0, 1), shifted like training's
     u = (np.arange(n) + 0.5) / n
-    host["t"] = (math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))).astype(np.float32)
+    host["t"] = sampler.time_shift(mu, u).astype(np.float32)
     batch = device_batch(host, mesh)
     fn = jax.jit(step_fns.eval, in_shardings=(state_sh["params"], teacher_sh,
                                               {k: batch_sharding(mesh, np.ndim(v)) for k, v in host.items()}))

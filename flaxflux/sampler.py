@@ -50,6 +50,18 @@ def shift_mu(image_seq_len: int, cfg: dict[str, Any]) -> float:
     return image_seq_len * m + cfg["base_shift"] - m * x1
 
 
+def time_shift(mu: float, t: Any) -> Any:
+    """FLUX's exponential time shift t -> e^mu / (e^mu + (1/t - 1)) (numpy or jax t)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def training_times(key: jax.Array, batch: int, mu: float) -> jax.Array:
+    """FLUX's training times: logit-normal, clipped away from 0 and 1 (1/t - 1 must stay
+    finite), then shifted by mu."""
+    t = jnp.clip(jax.nn.sigmoid(jax.random.normal(key, (batch,))), 1e-5, 1.0 - 1e-5)
+    return time_shift(mu, t)
+
+
 def sigma_schedule(num_steps: int, image_seq_len: int, cfg: dict[str, Any] | None = None) -> np.ndarray:
     """(num_steps + 1,) float32 sigmas from 1 down to 0, shifted as FLUX.1 does.
 
@@ -63,7 +75,7 @@ def sigma_schedule(num_steps: int, image_seq_len: int, cfg: dict[str, Any] | Non
     if cfg.get("use_dynamic_shifting", False):
         mu = shift_mu(image_seq_len, cfg)
         if cfg.get("time_shift_type", "exponential") == "exponential":
-            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+            s = time_shift(mu, s)
         else:
             s = mu / (mu + (1 / s - 1))
     else:

@@ -493,11 +493,6 @@ def stage_data(run: Run, vocab: Vocab, vae_params: jax.Array, factors: tuple[flo
 # ------------------------------------------------------------------------------------ stages 3-4: flow
 
 
-def time_shift(mu: float, t: jax.Array) -> jax.Array:
-    """FLUX's exponential time shift e^mu / (e^mu + 1/t - 1)."""
-    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
-
-
 def train_mu(recipe: Recipe) -> float:
     return sampler.shift_mu(recipe.sizes.image_tokens, SCHEDULER)
 
@@ -509,9 +504,7 @@ def flow_batch(key: jax.Array, data: dict, batch: int, mu: float, p_drop: float)
     x0 = sampler.pack_latents(data["latents"][idx].astype(jnp.float32))
     cap = data["caption_idx"][idx]
     cap = jnp.where(jax.random.uniform(k_drop, (batch,)) < p_drop, 0, cap)  # caption 0 is ""
-    # logit-normal t, clipped away from the ends (1/t - 1 must stay finite), then shifted
-    t = jax.nn.sigmoid(jax.random.normal(k_t, (batch,)))
-    t = time_shift(mu, jnp.clip(t, 1e-5, 1.0 - 1e-5))
+    t = sampler.training_times(k_t, batch, mu)
     eps = jax.random.normal(k_eps, x0.shape)
     xt = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * eps
     return xt, t, eps - x0, data["t5_ids"][cap], data["clip_ids"][cap]
