@@ -5,6 +5,7 @@ and, with --pipeline, the whole text-to-image pipeline).
     python benchmarks/e2e.py --res 1024 --batch 1 --pipeline    # the issue's targets (1024^2, batch 1)
     python benchmarks/e2e.py --variants bf16 --res 1024 --batch 1 4 --repeats 3 --json out.json
     python benchmarks/e2e.py --smoke --pipeline --res 64 --batch 1 --steps 2 --repeats 1   # CPU check
+    python benchmarks/e2e.py --variants bf16 --res 1024 --batch 1 --trace 20   # + GPU time by kernel
 
 Weights are random (FLUX.1-dev's real ones cannot be downloaded here), generated on the device
 tensor by tensor and fed through the real loader: the bf16 model through the dense codec, the
@@ -49,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -170,6 +172,76 @@ def random_init(model_fn):
     return graphdef, abstract, make
 
 
+KERNEL_KINDS = (("attention", re.compile(r"fmha|flash|sdpa|attn", re.I)),
+                ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_", re.I)),
+                ("copy", re.compile(r"memcpy|memset", re.I)),
+                ("pallas", re.compile(r"pallas|mosaic|ternary", re.I)))
+
+
+def kernel_kind(name: str, hlo_op: str) -> str:
+    for kind, pattern in KERNEL_KINDS:
+        if pattern.search(name) or (kind == "pallas" and pattern.search(hlo_op)):
+            return kind
+    return "fusion/other"
+
+
+def kernel_profile(run, steps: int, top: int) -> dict:
+    """GPU time per denoising step by kernel, from one traced call of `run()`: where a step's
+    milliseconds go (GEMMs, attention, Pallas kernels, XLA fusions) and how much of the wall
+    time the GPU was idle. Reads the trace with jax.profiler.ProfileData (no xprof needed)."""
+    import glob
+    import tempfile
+
+    import jax
+
+    logdir = tempfile.mkdtemp(prefix="e2e_trace_")
+    with jax.profiler.trace(logdir):
+        t0 = time.perf_counter()
+        run()
+        wall_ns = (time.perf_counter() - t0) * 1e9
+    path = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    by_name: dict[tuple[str, str], list[float]] = {}
+    busy, first, last = 0.0, math.inf, 0.0
+    seen = [f"{plane.name}: {[line.name for line in plane.lines][:8]}" for plane in data.planes]
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # derived lines (XLA Ops / Modules) repeat the kernels
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                key = (ev.name, str(stats.get("hlo_op", "")))
+                acc = by_name.setdefault(key, [0, 0.0])
+                acc[0] += 1
+                acc[1] += ev.duration_ns
+                busy += ev.duration_ns
+                first, last = min(first, ev.start_ns), max(last, ev.end_ns)
+    kinds: dict[str, float] = {}
+    for (name, op), (_, ns) in by_name.items():
+        kinds[kernel_kind(name, op)] = kinds.get(kernel_kind(name, op), 0.0) + ns / steps / 1e6
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"wall_ms_per_step": wall_ns / steps / 1e6, "gpu_busy_ms_per_step": busy / steps / 1e6,
+            "gpu_span_ms_per_step": (last - first) / steps / 1e6 if last else 0.0, "kinds_ms_per_step": kinds,
+            "planes": [] if busy else seen,  # what the trace held, where no GPU kernels were found
+            "top": [{"kernel": n[:90], "hlo_op": op[:60], "calls_per_step": c / steps, "ms_per_step": ns / steps / 1e6}
+                    for (n, op), (c, ns) in rows]}
+
+
+def print_kernel_profile(row: dict) -> None:
+    k = row["kernels"]
+    print(f"\nGPU time per step, {row['variant']} ({row['backend']}) {row['res']}^2 b{row['batch']}: wall "
+          f"{k['wall_ms_per_step']:.2f} ms, kernels busy {k['gpu_busy_ms_per_step']:.2f} ms, first-to-last kernel "
+          f"{k['gpu_span_ms_per_step']:.2f} ms; by kind: "
+          + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(k["kinds_ms_per_step"].items(), key=lambda x: -x[1])))
+    print("| ms/step | calls/step | kind | kernel | hlo op |")
+    print("|---|---|---|---|---|")
+    for t in k["top"]:
+        print(f"| {t['ms_per_step']:.3f} | {t['calls_per_step']:.0f} | {kernel_kind(t['kernel'], t['hlo_op'])} | "
+              f"{t['kernel']} | {t['hlo_op']} |")
+
+
 def jit_method(graphdef, method: str):
     """jax.jit of `module.method` over split state, as FluxPipeline compiles its components."""
     import jax
@@ -199,7 +271,8 @@ def component_configs(smoke: bool):
 
 
 def child(variant: str, res: int, batch: int, steps: int, repeats: int, smoke: bool = False,
-          backend: str = "auto", pipeline: bool = False, t5_modes: tuple[str, ...] = T5_MODES) -> dict:
+          backend: str = "auto", pipeline: bool = False, t5_modes: tuple[str, ...] = T5_MODES,
+          trace: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -301,6 +374,9 @@ def child(variant: str, res: int, batch: int, steps: int, repeats: int, smoke: b
            "profile": {"weights": {"transformer ternary codes + scales": counts["ternary_bytes"],
                                    "transformer dense params": counts["other_bytes"]},
                        "programs": {"denoise": program_memory(compiled)}}}
+    if trace:
+        row["kernels"] = kernel_profile(
+            lambda: jax.block_until_ready(sampler.run_denoise(graphdef, state, *args, sigmas)), steps, trace)
     if pipeline:
         free((args, a if repeats else None))  # the transformer-alone stage's random prompt embeddings
         row["pipeline"] = run_pipeline(dev, graphdef, state, load_transformer, res, batch, sigmas,
@@ -576,12 +652,16 @@ def main() -> int:
                     help="also measure the whole pipeline (T5-XXL + CLIP-L, then the transformer, then the VAE)")
     ap.add_argument("--t5", nargs="+", default=list(T5_MODES), choices=T5_MODES,
                     help="T5 weights in the pipeline: int8 (weight-only) and/or bf16")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="trace one more 50-step run and print GPU time per step by kernel kind and the N "
+                         "costliest kernels")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     t5_modes = tuple(m for m in T5_MODES if m in args.t5)
     if args.child:
         v, res, batch, backend = args.child.split(",")
-        row = child(v, int(res), int(batch), args.steps, args.repeats, args.smoke, backend, args.pipeline, t5_modes)
+        row = child(v, int(res), int(batch), args.steps, args.repeats, args.smoke, backend, args.pipeline, t5_modes,
+                    args.trace)
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     rows = []
@@ -591,7 +671,7 @@ def main() -> int:
     for v, res, batch, be in jobs:
         cmd = [sys.executable, __file__, "--child", f"{v},{res},{batch},{be}", "--steps", str(args.steps),
                "--repeats", str(args.repeats), "--t5", *t5_modes] + (["--smoke"] if args.smoke else []) \
-            + (["--pipeline"] if args.pipeline else [])
+            + (["--pipeline"] if args.pipeline else []) + ["--trace", str(args.trace)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -602,6 +682,8 @@ def main() -> int:
         row["child_s"] = time.perf_counter() - t0
         rows.append(row)
         print(row_line(row), flush=True)
+        if row.get("kernels"):
+            print_kernel_profile(row)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)

@@ -9,7 +9,8 @@ Variants (--variants, comma separated):
   bf16               the model as shipped, converted with `flaxflux convert` (no quantization)
   ternary-tensor     `flaxflux convert --quantize ternary` (absmean, one scale per matrix: the paper's)
   ternary-channel    ... --granularity channel (one scale per output channel)
-  NAME=PATH          any converted flaxflux folder or FLUX snapshot, e.g. a distilled ternary model
+  NAME=PATH          any converted flaxflux folder or FLUX snapshot, e.g. a distilled ternary model;
+                     a transformer-only folder (flaxflux/refmodel/distilled) takes the rest from --model
 
 Every variant sees the same prompts and the same initial noise, so differences are the weights'.
 
@@ -45,6 +46,11 @@ def load_converter():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from convert import convert
     return convert
+
+
+def transformer_only(path: str) -> bool:
+    """A flaxflux folder holding only a transformer (flaxflux/refmodel/distilled)."""
+    return (Path(path) / "transformer").is_dir() and not (Path(path) / "vae").is_dir()
 
 
 def parse_variants(text: str) -> list[tuple[str, str | None]]:
@@ -181,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 path = str(Path(tmp) / name)
                 convert(args.model, path, quantize=quantize, granularity=granularity, progress=False)
             t_convert = time.perf_counter() - t
-            pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
+            if transformer_only(path):  # e.g. the shipped distilled transformer: the rest from --model
+                pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype, transformer=path)
+            else:
+                pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
             if args.ternary_backend and name != "bf16":
                 pipe.set_ternary_options(backend=args.ternary_backend)
             t = time.perf_counter()

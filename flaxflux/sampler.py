@@ -147,7 +147,13 @@ def step_modulations(model: nnx.Module, sigmas: jax.Array, y: jax.Array, guidanc
             "final": split(mods["final"], 0)}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "progress"))
+# XLA's GPU autotuner emits some of the transformer's dots as Triton GEMM fusions; with cuBLAS for
+# all of them the bf16 FLUX.1-dev step at 1024^2 on an H100 took 137.5-140.7 ms instead of
+# 141.7-142.3 (benchmarks/RESULTS.md). Backends other than GPU ignore xla_gpu_* options.
+DENOISE_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "progress"), compiler_options=DENOISE_COMPILER_OPTIONS)
 def denoise(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, img_ids: jax.Array, txt: jax.Array,
             txt_ids: jax.Array, y: jax.Array, guidance: jax.Array, sigmas: jax.Array,
             progress: bool = False) -> jax.Array:

@@ -1,0 +1,62 @@
+"""The benchmark scripts run (tiny settings) and report what they claim to."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import e2e  # noqa: E402
+
+
+@pytest.mark.parametrize("name, hlo_op, kind", [
+    # kernel names from an H100 trace of the 1024^2 step (RESULTS.md)
+    ("nvjet_sm90_tst_176x128_64x5_1x2_h_bz_TNN", "command_buffer_151", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1",
+     "command_buffer_151", "attention"),
+    ("memcpy128", "command_buffer_65", "copy"),
+    ("kernel_mosaic_gpu_kernel", "command_buffer_129", "pallas"),
+    ("input_concatenate_fusion_3", "command_buffer_151", "fusion/other"),
+    ("triton_softmax_33", "command_buffer_151", "fusion/other"),
+])
+def test_kernel_kind(name, hlo_op, kind):
+    assert e2e.kernel_kind(name, hlo_op) == kind
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_e2e_smoke_with_trace(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run(["benchmarks/e2e.py", "--smoke", "--variants", "bf16", "--res", "64", "--batch", "1",
+                 "--steps", "2", "--repeats", "1", "--trace", "5", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (row,) = json.loads(out.read_text())
+    assert row["second_prompt_retraced"] == 0
+    k = row["kernels"]
+    assert k["wall_ms_per_step"] > 0
+    # the CPU trace has no GPU kernels: the row says so and lists what the trace held instead
+    assert k["gpu_busy_ms_per_step"] == 0 and k["planes"]
+    assert "GPU time per step" in proc.stdout
+
+
+def test_quality_transformer_only_variant(tmp_path):
+    """A transformer-only folder (the shipped distilled model) runs with the rest from --model."""
+    out = tmp_path / "q.json"
+    proc = _run(["benchmarks/quality.py", "--model", "flaxflux/refmodel/model", "--variants",
+                 "d=flaxflux/refmodel/distilled", "--limit", "6", "--images", "1", "--steps", "4",
+                 "--workers", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    v = report["variants"]["d"]
+    assert v["images"] == 6 and 0.0 <= v["scores"]["overall"] <= 1.0
