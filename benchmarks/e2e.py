@@ -220,7 +220,8 @@ def kernel_profile(run, steps: int, top: int) -> dict:
                 first, last = min(first, ev.start_ns), max(last, ev.end_ns)
     kinds: dict[str, float] = {}
     for (name, op), (_, ns) in by_name.items():
-        kinds[kernel_kind(name, op)] = kinds.get(kernel_kind(name, op), 0.0) + ns / steps / 1e6
+        kind = kernel_kind(name, op)
+        kinds[kind] = kinds.get(kind, 0.0) + ns / steps / 1e6
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     return {"wall_ms_per_step": wall_ns / steps / 1e6, "gpu_busy_ms_per_step": busy / steps / 1e6,
             "gpu_span_ms_per_step": (last - first) / steps / 1e6 if last else 0.0, "kinds_ms_per_step": kinds,

@@ -148,8 +148,9 @@ def step_modulations(model: nnx.Module, sigmas: jax.Array, y: jax.Array, guidanc
 
 
 # XLA's GPU autotuner emits some of the transformer's dots as Triton GEMM fusions; with cuBLAS for
-# all of them the bf16 FLUX.1-dev step at 1024^2 on an H100 took 137.5-140.7 ms instead of
-# 141.7-142.3 (benchmarks/RESULTS.md). Backends other than GPU ignore xla_gpu_* options.
+# all of them the bf16 FLUX.1-dev step at 1024^2 on an H100 took 139.1 ms instead of 141.0 in the
+# same run (137.5-140.7 vs 141.0-143.7 across machines; benchmarks/RESULTS.md). Backends other
+# than GPU ignore xla_gpu_* options.
 DENOISE_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 

@@ -404,7 +404,6 @@ class QuantizeOnLoadCodec(TernaryCodec):
             return self._scales.pop(internal)
         if not internal.endswith(PACKED):
             return DenseCodec.load(self, internal, names, target, src)
-        k = self.in_features[internal]
         stacked = internal.startswith(("double_blocks.", "single_blocks."))
         buf = jnp.zeros(target.shape if stacked else (1, *target.shape), target.dtype)
         scales = []

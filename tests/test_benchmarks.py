@@ -57,6 +57,5 @@ def test_quality_transformer_only_variant(tmp_path):
                  "d=flaxflux/refmodel/distilled", "--limit", "6", "--images", "1", "--steps", "4",
                  "--workers", "1", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads(out.read_text())
-    v = report["variants"]["d"]
-    assert v["images"] == 6 and 0.0 <= v["scores"]["overall"] <= 1.0
+    v = json.loads(out.read_text())["variants"]["d"]
+    assert v["path"] == "flaxflux/refmodel/distilled" and v["images"] == 6
