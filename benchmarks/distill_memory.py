@@ -70,7 +70,10 @@ def plan(n_dev: int, res: int, per_device_batch: int, remat: bool = True) -> dic
                               tr.teacher_sh)
     shapes = {"idx": ((batch,), jnp.int32), "x0": ((batch, tokens, 64), jnp.bfloat16),
               "txt": ((batch, T5_LEN, FLUX_DEV.context_in_dim), jnp.bfloat16),
-              "pooled": ((batch, FLUX_DEV.vec_in_dim), jnp.bfloat16), "g": ((batch,), jnp.float32)}
+              "pooled": ((batch, FLUX_DEV.vec_in_dim), jnp.bfloat16), "g": ((batch,), jnp.float32),
+              # on-policy rows (cfg.onpolicy > 0, the default)
+              "xs": ((batch, tokens, 64), jnp.bfloat16), "ts": ((batch,), jnp.float32), "on": ((batch,), jnp.bool_)}
+    shapes = {k: v for k, v in shapes.items() if k in tr.batch_sh}
     batch_in = {k: jax.ShapeDtypeStruct(s, dt, sharding=tr.batch_sh[k]) for k, (s, dt) in shapes.items()}
     t0 = time.perf_counter()
     lowered = tr.train.lower(tr.state_abs, teacher_in, batch_in)
@@ -85,13 +88,15 @@ def plan(n_dev: int, res: int, per_device_batch: int, remat: bool = True) -> dic
                       for x in jax.tree.leaves(tree)))
 
     n_params = sum(_prod(x.shape) for x in jax.tree.leaves(teacher_abs))
-    step_tflop = FORWARDS_PER_STEP * flops_per_step(per_device_batch, res, T5_LEN) / 1e12
+    # the student's rollouts for the on-policy rows, amortized: forwards per batch row and step
+    rollout_fwd = cfg.rollouts() * cfg.sample_steps / cfg.rollout_every / batch if cfg.onpolicy > 0 else 0.0
+    step_tflop = (FORWARDS_PER_STEP + rollout_fwd) * flops_per_step(per_device_batch, res, T5_LEN) / 1e12
     teacher_total = gb(sum(jnp.dtype(x.dtype).itemsize * _prod(x.shape) for x in jax.tree.leaves(teacher_abs)))
     student_total = gb(sum(jnp.dtype(x.dtype).itemsize * _prod(x.shape) for x in jax.tree.leaves(tr.state_abs["params"])))
     comm_gb = (teacher_total + 3 * student_total) * (n_dev - 1) / n_dev
     return {
         "devices": n_dev, "res": res, "per_device_batch": per_device_batch, "global_batch": batch, "remat": remat,
-        "params": n_params, "compile_s": round(compile_s, 1),
+        "params": n_params, "compile_s": round(compile_s, 1), "rollout_forwards": rollout_fwd,
         "student_params_gb": shard_bytes(tr.state_abs["params"]), "opt_state_gb": shard_bytes(tr.state_abs["opt"]),
         "teacher_gb": shard_bytes(teacher_in), "batch_gb": shard_bytes(batch_in),
         "argument_gb": arg, "temp_gb": tmp, "output_gb": out, "alias_gb": alias,
@@ -143,7 +148,8 @@ def main() -> int:
               f"**{r['peak_gb']:.1f}** | {'yes' if r['peak_gb'] <= H200_GB else 'no'} | {r['tflop_per_device']:.0f} | "
               f"{r['compute_s']:.2f} | {r['comm_gb']:.0f} / {r['comm_s']:.2f} | "
               f"{max(r['compute_s'], r['comm_s']):.2f}-{r['compute_s'] + r['comm_s']:.2f} |")
-    print(f"\ncompute s: {FORWARDS_PER_STEP} forwards' matmul FLOPs per device at {FORWARD_TFLOPS:.0f} TFLOP/s (the "
+    print(f"\ncompute s: {FORWARDS_PER_STEP} + {rows[0]['rollout_forwards']:.2f} (the on-policy rollouts, amortized) "
+          f"forwards' matmul FLOPs per device at {FORWARD_TFLOPS:.0f} TFLOP/s (the "
           f"project's bf16 forward on an H100); collectives: FSDP bytes per device at {BUS_GBPS:.0f} GB/s; "
           "est. s / step: from full overlap to none")
     return 0

@@ -29,7 +29,9 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle above a cross",
            "a diamond", "two triangles", "a green cross", "a red square below a circle", "four circles"]
 # small and fast: 16 px images (8x8 latents, 16 tokens), a few steps
 SMALL = dict(steps=4, batch=4, samples_per_prompt=1, sample_steps=2, holdout=4, eval_samples=4, eval_every=2,
-             log_every=2, ckpt_every=2, gen_batch=8, size=16, lr=1e-3)
+             log_every=2, ckpt_every=2, gen_batch=8, size=16, lr=1e-3, onpolicy=0.0)
+# the same with half of each batch from the student's own trajectories, refreshed every 2 steps
+ONPOLICY = dict(SMALL, onpolicy=0.5, rollout_every=2, rollout_samples=4)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_objective_targets(objective):
     teacher of NaNs poisons the first loss and not the second."""
     cfg_t = FluxConfig.from_diffusers(TINY_CONFIGS["dev"])
     teacher_gd, teacher_state = nnx.split(FluxTransformer(cfg_t, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    cfg = D.DistillConfig(batch=2, objective=objective)
+    cfg = D.DistillConfig(batch=2, objective=objective, onpolicy=0.0)
     tr = D.build_trainer(teacher_gd, teacher_state, cfg, (8, 8), 0.5, D.make_mesh(jax.devices()[:1]))
     r = np.random.default_rng(0)
     batch = {"idx": jnp.arange(2, dtype=jnp.int32), "x0": jnp.asarray(r.standard_normal((2, 16, cfg_t.in_channels)), jnp.bfloat16),
@@ -116,6 +118,58 @@ def test_objective_targets(objective):
         assert np.isnan(float(loss_nan))
 
 
+def test_onpolicy_rows_are_evaluated_at_the_students_states():
+    """On rows marked "on" the step reads the state xs at ts and not the teacher's line: the loss
+    moves with xs and not with x0; a row not marked reads x0 and not xs."""
+    cfg_t = FluxConfig.from_diffusers(TINY_CONFIGS["dev"])
+    teacher_gd, teacher_state = nnx.split(FluxTransformer(cfg_t, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    cfg = D.DistillConfig(batch=2, onpolicy=0.5)
+    tr = D.build_trainer(teacher_gd, teacher_state, cfg, (8, 8), 0.5, D.make_mesh(jax.devices()[:1]))
+    r = np.random.default_rng(0)
+    rand = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+    c = cfg_t.in_channels
+    batch = {"idx": jnp.arange(2, dtype=jnp.int32), "x0": rand(2, 16, c), "txt": rand(2, 5, cfg_t.context_in_dim),
+             "pooled": rand(2, cfg_t.vec_in_dim), "g": jnp.asarray([2.0, 4.0], jnp.float32),
+             "xs": rand(2, 16, c), "ts": jnp.asarray([0.9, 0.3], jnp.float32), "on": jnp.asarray([False, True])}
+
+    def loss(**change):
+        _, out = tr.train(tr.init(teacher_state), teacher_state, {**batch, **change})
+        return float(out)
+
+    base = loss()
+    assert np.isfinite(base) and base > 0
+    assert loss(x0=batch["x0"].at[1].set(rand(16, c))) == base         # on row: x0 unused
+    assert loss(xs=batch["xs"].at[0].set(rand(16, c))) == base         # off row: xs unused
+    assert loss(ts=batch["ts"].at[0].set(0.1)) == base                 # off row: its time is drawn
+    assert loss(xs=batch["xs"].at[1].set(rand(16, c))) != base
+    assert loss(ts=batch["ts"].at[1].set(0.6)) != base
+    assert loss(x0=batch["x0"].at[0].set(rand(16, c))) != base
+
+
+def test_train_batch_draws_the_onpolicy_rows_from_the_rollouts():
+    n_s, tokens, c = 10, 4, 3
+    r = np.random.default_rng(0)
+    data = {"prompt_idx": np.arange(n_s) // 2, "x0": r.integers(0, 2**16, (n_s, tokens, c), dtype=np.uint16),
+            "txt": r.integers(0, 2**16, (5, 2, 4), dtype=np.uint16), "pooled": r.standard_normal((5, 4), np.float32),
+            "g": r.uniform(1, 5, n_s).astype(np.float32)}
+    sigmas = np.asarray([1.0, 0.7, 0.4, 0.0], np.float32)
+    cfg = D.DistillConfig(batch=8, onpolicy=0.25, rollout_every=3)
+    ro = D.Rollouts(3, np.asarray([1, 6], np.int32), r.integers(0, 2**16, (2, 3, tokens, c), dtype=np.uint16))
+    before = D.train_batch(cfg, 2, data, 8, None, sigmas)
+    assert not before["on"].any()
+    np.testing.assert_array_equal(before["idx"], D.batch_indices(cfg, 2, 8))
+    b = D.train_batch(cfg, 4, data, 8, ro, sigmas)
+    np.testing.assert_array_equal(b["on"], [False] * 6 + [True] * 2)
+    np.testing.assert_array_equal(b["idx"][:6], D.batch_indices(cfg, 4, 8)[:6])
+    for k in (6, 7):
+        n = int(np.flatnonzero(ro.idx == b["idx"][k])[0])                # the row's sample ...
+        j = int(np.flatnonzero(sigmas == b["ts"][k])[0])                 # ... and its state
+        np.testing.assert_array_equal(b["xs"][k], ro.xs[n, j])
+        np.testing.assert_array_equal(b["txt"][k], data["txt"][data["prompt_idx"][b["idx"][k]]])
+        assert b["g"][k] == data["g"][b["idx"][k]]
+    assert D.refresh_step(cfg, 2) == 0 and D.refresh_step(cfg, 3) == 3 and D.refresh_step(cfg, 5) == 3
+
+
 def test_bad_inputs(teacher, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such prompts file"):
         D.distill(teacher / "teacher", tmp_path / "nope.txt", tmp_path / "o", D.DistillConfig(**SMALL))
@@ -128,15 +182,22 @@ def test_bad_inputs(teacher, tmp_path):
     with pytest.raises(ValueError, match="objective must be one of"):
         D.distill(teacher / "teacher", teacher / "prompts.txt", tmp_path / "o", D.DistillConfig(**{**SMALL,
                                                                                                  "objective": "x"}))
+    with pytest.raises(ValueError, match="onpolicy must be a fraction"):
+        D.distill(teacher / "teacher", teacher / "prompts.txt", tmp_path / "o", D.DistillConfig(**{**SMALL,
+                                                                                                 "onpolicy": 1.0}))
+    with pytest.raises(ValueError, match="needs objective='velocity'"):
+        D.distill(teacher / "teacher", teacher / "prompts.txt", tmp_path / "o",
+                  D.DistillConfig(**{**ONPOLICY, "objective": "flow"}))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         D.distill(tmp_path / "missing", teacher / "prompts.txt", tmp_path / "o", D.DistillConfig(**SMALL))
 
 
 def test_distill_writes_a_ternary_folder_and_resumes_after_a_kill(teacher, tmp_path):
+    """On-policy, so the resumed run must also find the student states of step 2 it had made."""
     call = f"""
         from flaxflux.distill import DistillConfig, distill
         distill({str(teacher / 'teacher')!r}, {str(teacher / 'prompts.txt')!r}, OUT,
-                DistillConfig(**{SMALL!r}), progress=False, crash_after=CRASH)
+                DistillConfig(**{ONPOLICY!r}), progress=False, crash_after=CRASH)
     """
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     r = _run(call.replace("OUT", repr(str(full))).replace("CRASH", "None"))
@@ -152,8 +213,11 @@ def test_distill_writes_a_ternary_folder_and_resumes_after_a_kill(teacher, tmp_p
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
     log = [json.loads(x) for x in (tmp_path / "full.work" / "log.jsonl").read_text().splitlines()]
-    errs = [r["heldout_rel_err"] for r in log if "heldout_rel_err" in r]
-    assert len(errs) == 3 and all(np.isfinite(errs))
+    errs = [(r["heldout_rel_err"], r["heldout_x0_err"]) for r in log if "heldout_rel_err" in r]
+    assert len(errs) == 3 and np.isfinite(errs).all() and np.min(errs) > 0
+    assert [r["step"] for r in log if r["stage"] == "rollout"] == [2]
+    assert [r["step"] for r in (json.loads(x) for x in (tmp_path / "resumed.work" / "log.jsonl").read_text().splitlines())
+            if r["stage"] == "rollout"] == [2]                     # made before the kill, loaded after it
     info = json.loads((full / "flaxflux.json").read_text())
     assert info["quantization"] == "ternary" and info["source"]["distill"]["steps"] == SMALL["steps"]
 
@@ -171,7 +235,7 @@ def test_sharded_over_8_devices_matches_one_device(teacher, tmp_path):
         assert len(jax.devices()) == 8
         import flaxflux.distill as D
         D.MIN_SHARDED = 256   # shard even this tiny model's weights
-        cfg = D.DistillConfig(**{{**{SMALL!r}, "batch": 8, "steps": 2}})
+        cfg = D.DistillConfig(**{{**{ONPOLICY!r}, "batch": 8, "steps": 2, "rollout_every": 1, "rollout_samples": 8}})
         for name, devs in (("one", jax.devices()[:1]), ("eight", jax.devices())):
             D.distill({str(teacher / 'teacher')!r}, {str(teacher / 'prompts.txt')!r}, {str(tmp_path)!r} + "/" + name,
                       cfg, progress=False, devices=devs)
