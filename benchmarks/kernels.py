@@ -2,8 +2,8 @@
 
 One run prints, for M in {1, 256, 1536, 4608} and every FLUX (K, N): TFLOP/s and the ratio vs
 XLA bf16 jnp.dot measured in the same run, for weight-only ternary and W1.58A8 (activation
-quantization included; "a8kern" excludes it), plus relative errors vs the references (rows with
-M in --check-ms).
+quantization included; "a8kern" excludes it), the quantization pass alone ("q us", XLA), plus
+relative errors vs the references (rows with M in --check-ms).
 
     PYTHONPATH=. python3 benchmarks/kernels.py                  # full table, backend auto
     python3 benchmarks/kernels.py --ms 4608 --shapes 3072x3072 --sweep int8   # mosaic_gpu tiles
@@ -116,6 +116,7 @@ def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: 
     if kernel_only and backend != "xla":
         q = [(pk.quantize_activations(d["x"]), d["wp"], d["scale"]) for d in ins]
         res["a8k"] = time_op(lambda cs, wp, s: _a8_kernel(cs, wp, s, backend), q)
+        res["q"] = time_op(pk.quantize_activations, [(d["x"],) for d in ins])
     if check:
         d = ins[0]
         ref = pk.ternary_matmul_ref(d["x"], d["wp"], d["scale"], out_dtype=jnp.float32)
@@ -145,13 +146,14 @@ def fmt_row(r: dict) -> str:
              f"{r['a8'] * 1e6:9.1f}", f"{tf(r['a8']):7.1f}", f"{r['xla'] / r['a8']:6.2f}x"]
     cells.append(f"{r['xla'] / r['a8k']:6.2f}x" if "a8k" in r else "      -")
     cells.append(f"{r['xla'] / r['wo_xla']:6.2f}x" if "wo_xla" in r else "      -")
+    cells.append(f"{r['q'] * 1e6:7.1f}" if "q" in r else "      -")
     cells.append(f"{r['err_wo']:.1e}" if "err_wo" in r else "    -  ")
     cells.append(f"{r['err_a8']:.1e}" if "err_a8" in r else "    -  ")
     return " | ".join(cells)
 
 
 HEADER = ("  K -> N    |     M |  xla us  | xla TF |  wo us   | wo TF  | wo/xla |  a8 us   | a8 TF  | a8/xla"
-          " | a8kern | wo-xla | err wo  | err a8")
+          " | a8kern | wo-xla |  q us   | err wo  | err a8")
 
 
 def sweep(m: int, k: int, n: int, dtype: str) -> None:
@@ -178,11 +180,13 @@ def sweep(m: int, k: int, n: int, dtype: str) -> None:
                 for tn, tm, st in ((64, 64, 4), (128, 64, 4), (64, 128, 2 if dtype == "bf16" else 4))
                 for ks in (1, 2, 4)]
     elif dtype == "int8":
-        grid = [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8),
-                c(tile_n=64, tile_m=128, stages=4, grid_tile_width=8),
-                c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_half=True),
-                c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_half=True),
-                c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_half=True)]
+        grid = [c(tile_n=128, tile_m=128, stages=st, epi_m=32, grid_tile_width=gw)
+                for st, gw in ((4, 8), (4, 4), (4, 6), (4, 12), (4, 16), (3, 8), (3, 12))]
+        grid += [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8, grid_minor_n=False)]
+        grid += [c(tile_n=64, tile_m=128, stages=4, grid_tile_width=gw) for gw in (8, 12, 16)]
+        grid += [c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_half=True),
+                 c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_half=True),
+                 c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_half=True)]
     else:
         grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
                 c(tile_n=64, tile_m=128, stages=4, k_half=True), c(tile_n=64, tile_m=128, stages=4, k_half=True,
@@ -203,8 +207,8 @@ def sweep(m: int, k: int, n: int, dtype: str) -> None:
                 raise
             print(f"  {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
-        print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} ks={cfg.k_splits} "
-              f"ov={int(cfg.overlap)}: "
+        print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
+              f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x", flush=True)
 
 
