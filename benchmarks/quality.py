@@ -11,6 +11,8 @@ Variants (--variants, comma separated):
   ternary-channel    ... --granularity channel (one scale per output channel)
   NAME=PATH          any converted flaxflux folder or FLUX snapshot, e.g. a distilled ternary model;
                      a transformer-only folder (flaxflux/refmodel/distilled) takes the rest from --model
+Default: bf16, both absmean variants and, for the shipped reference model, its shipped distilled
+transformer ("distilled"): the three the distillation issue compares.
 
 Every variant sees the same prompts and the same initial noise, so differences are the weights'.
 
@@ -35,6 +37,16 @@ import numpy as np
 BUILTIN = {"bf16": ("none", "tensor"), "ternary-tensor": ("ternary", "tensor"),
            "ternary-channel": ("ternary", "channel")}
 DEFAULT_VARIANTS = "bf16,ternary-tensor,ternary-channel"
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "flaxflux" / "refmodel" / "model"
+SHIPPED_DISTILLED = SHIPPED_MODEL.parent / "distilled"
+
+
+def default_variants(model: str) -> str:
+    """The built-in variants, plus the shipped distilled transformer when --model is the shipped
+    reference model (it fits no other model)."""
+    if Path(model).resolve() == SHIPPED_MODEL and (SHIPPED_DISTILLED / "transformer").is_dir():
+        return f"{DEFAULT_VARIANTS},distilled={SHIPPED_DISTILLED}"
+    return DEFAULT_VARIANTS
 
 
 def load_converter():
@@ -150,7 +162,7 @@ def format_table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the shipped model folder (diffusers FLUX layout)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--variants", help="default: bf16, ternary-tensor, ternary-channel (and distilled, see above)")
     p.add_argument("--per-category", type=int, default=64, help="prompts per category (6 categories)")
     p.add_argument("--images", type=int, default=4, help="images per prompt")
     p.add_argument("--limit", type=int, help="evaluate only this many prompts (an even share of each category)")
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     convert = load_converter()
 
-    variants = parse_variants(args.variants)
+    variants = parse_variants(args.variants or default_variants(args.model))
     specs, seeds = prompt_set(args.per_category, args.images, args.limit, args.seed)
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
     print(f"GenEval-mini: {len(specs) // args.images} prompts x {args.images} images, {args.size}px, "

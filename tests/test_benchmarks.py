@@ -59,3 +59,14 @@ def test_quality_transformer_only_variant(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     v = json.loads(out.read_text())["variants"]["d"]
     assert v["path"] == "flaxflux/refmodel/distilled" and v["images"] == 6
+
+
+def test_quality_default_variants():
+    """With the shipped reference model the default compares bf16, both absmean variants and the
+    shipped distilled transformer; another model gets the built-in three only."""
+    import quality
+
+    names = [n for n, _ in quality.parse_variants(quality.default_variants(str(ROOT / "flaxflux/refmodel/model")))]
+    assert names == ["bf16", "ternary-tensor", "ternary-channel", "distilled"]
+    names = [n for n, _ in quality.parse_variants(quality.default_variants(str(ROOT / "out" / "other")))]
+    assert names == ["bf16", "ternary-tensor", "ternary-channel"]
