@@ -72,8 +72,8 @@ from .ternary import QATLinear, from_qat, to_qat
 
 COMPUTE = jnp.bfloat16
 NOISE_STREAM, TIME_STREAM, BATCH_STREAM, GUIDANCE_STREAM, ROLLOUT_STREAM, ONPOLICY_STREAM = 1, 2, 3, 4, 5, 6
-MIN_SHARDED = 2**14
-OBJECTIVES = ("velocity", "flow")   # arrays smaller than this stay replicated (norm scales, biases)
+MIN_SHARDED = 2**14                 # arrays smaller than this stay replicated (norm scales, biases)
+OBJECTIVES = ("velocity", "flow")
 
 
 @dataclasses.dataclass(frozen=True)
