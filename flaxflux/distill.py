@@ -439,8 +439,8 @@ def device_batch(host: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     for k, v in host.items():
         rows = v.shape[0] // nproc
         local = v[pid * rows:(pid + 1) * rows]
-        if k in ("x0", "txt", "xs"):
-            local = local.view(jnp.bfloat16)  # stored as bf16 bits (uint16)
+        if local.dtype == np.uint16:  # every uint16 array here holds bf16 bits (x0, txt, xs)
+            local = local.view(jnp.bfloat16)
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), local)
     return out
 
@@ -647,7 +647,8 @@ def distill(teacher_dir: str | Path, prompts_file: str | Path, out: str | Path, 
     t_last, s_last = time.perf_counter(), start
     ro = None
     for s in range(start, cfg.steps):
-        if cfg.onpolicy > 0 and refresh_step(cfg, s) > 0 and (ro is None or ro.step != refresh_step(cfg, s)):
+        r = refresh_step(cfg, s)
+        if cfg.onpolicy > 0 and r > 0 and (ro is None or ro.step != r):
             ro = _refresh(tr, state["params"], data, cfg, s, n_train, sigmas, mesh, work, log)
         batch = device_batch(train_batch(cfg, s, data, n_train, ro, sigmas_np), mesh)
         state, loss = train(state, teacher_state, batch)
