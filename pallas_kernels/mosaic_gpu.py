@@ -50,6 +50,7 @@ class MgpuConfig:
     epi_m: int = 64            # tokens per epilogue store chunk (2 chunks in flight per warpgroup)
     overlap: bool = True       # keep one wgmma in flight while unpacking the next plane
     k_half: bool = False       # pipeline steps of half a K-tile (2 planes): smaller stages, more of them
+    cluster: int = 1           # CTAs per cluster along N; 2: they share each x tile by TMA multicast
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
@@ -58,6 +59,11 @@ class MgpuConfig:
             raise ValueError(f"tile_m must be a multiple of 8 in [8, {MAX_TILE_M}], got {self.tile_m}")
         if self.stages < 1 or self.k_splits < 1:
             raise ValueError(f"stages and k_splits must be >= 1, got {self.stages}, {self.k_splits}")
+        if self.cluster not in (1, 2):
+            raise ValueError(f"cluster must be 1 or 2, got {self.cluster}")
+        if self.cluster == 2 and self.tile_m % 16:
+            raise ValueError(f"cluster=2 splits the x tile between 2 CTAs: tile_m must be a multiple of 16, "
+                             f"got {self.tile_m}")
         if self.overlap and self.stages < 2:
             raise ValueError("overlap needs stages >= 2 (a stage stays in use one step longer)")
 
@@ -164,10 +170,11 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
     is_int8 = x_dtype == jnp.int8
     tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
     cta_n = NUM_COMPUTE_WGS * tile_n
-    if n % cta_n or mp % tile_m or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
-        raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} "
+    cluster = cfg.cluster
+    if n % (cta_n * cluster) or mp % tile_m or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
+        raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} cluster={cluster} "
                          f"mp={mp} tile_m={tile_m} k_tiles={t_x} splits={splits} epi_m={cfg.epi_m}")
-    m_iters, n_iters, k_per_split = mp // tile_m, n // cta_n, t_x // splits
+    m_iters, n_iters, k_per_split = mp // tile_m, n // (cta_n * cluster), t_x // splits
     acc_dtype = jnp.int32 if is_int8 else jnp.float32
     final_dtype = jnp.dtype(jnp.float32) if splits > 1 else out_dtype
 
@@ -203,8 +210,10 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                 in_specs=[
                     plgpu.BlockSpec((None, cta_n, SLAB), w_map, transforms=w_transforms,
                                     memory_space=plgpu.SMEM, delay_release=delay),
+                    # With a cluster, each CTA fetches half of the x tile and multicasts it to both.
                     plgpu.BlockSpec((tile_m, step_k), lambda k: (0, k + k0 * halves), transforms=x_transforms,
-                                    memory_space=plgpu.SMEM, delay_release=delay),
+                                    memory_space=plgpu.SMEM, delay_release=delay,
+                                    collective_axes=("cluster",) if cluster > 1 else ()),
                 ],
                 wg_axis="wg",
                 num_compute_wgs=NUM_COMPUTE_WGS,
@@ -228,6 +237,8 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                 rem = lax.rem(lin, jnp.int32(m_iters * n_iters))
                 m_idx, n_idx = plgpu.planar_snake(rem, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
                                                   cfg.grid_tile_width)
+                if cluster > 1:
+                    n_idx = n_idx * cluster + lax.axis_index("cluster")
                 k0 = split * k_per_split            # first x K-tile of this split
                 m_sl = pl.ds(m_idx * tile_m, tile_m)
                 n0 = n_idx * cta_n + wg * tile_n
@@ -302,11 +313,13 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_rows = splits * mp if splits > 1 else mp
+    cluster_kw = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((out_rows, n), final_dtype),
-        grid=(num_sms,),
+        grid=(num_sms // cluster,),
         grid_names=("sm",),
+        **cluster_kw,
         num_threads=NUM_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
