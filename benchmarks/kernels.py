@@ -6,13 +6,16 @@ quantization included; "a8kern" excludes it), the quantization pass alone ("q us
 relative errors vs the references (rows with M in --check-ms).
 
     PYTHONPATH=. python3 benchmarks/kernels.py                  # full table, backend auto
+    python3 benchmarks/kernels.py --ms 4608 --sustain 2 --clocks   # steady power state, clocks
     python3 benchmarks/kernels.py --ms 4608 --shapes 3072x3072 --sweep int8   # mosaic_gpu tiles
     MOSAIC_GPU_DUMP_TO=/tmp/d python3 benchmarks/kernels.py --once --ms 4608 --shapes 3072x3072
 
 Timing (METHOD.md): `time_op` runs the op inside a jitted fori_loop, once per distinct random
 input set per iteration (sets exceed L2; optimization barriers stop XLA from merging or hoisting
 the calls); per-op time = slope between 1 and 3 iterations (medians of 5), which cancels the
-dispatch overhead. Inputs are random (never zeros).
+dispatch overhead. `--sustain S` times each op after S/3 s of back-to-back load, in the steady
+power state a sampling loop runs in (an H100/H200 at its 700 W cap clocks each kernel
+differently; `--clocks` prints the SM clock and power per op). Inputs are random (never zeros).
 """
 
 from __future__ import annotations
@@ -44,14 +47,22 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def time_op(fn, arg_sets, samples: int = 5, reps: tuple[int, int] = (1, 3)) -> float:
+def time_op(fn, arg_sets, samples: int = 5, reps: tuple[int, int] = (1, 3), sustain: float = 0.0,
+            window: list | None = None) -> float:
     """Seconds per call of fn(*args) on the device.
 
     One jitted program runs a loop of n iterations, each applying fn once to every distinct
     input set (sets exceed L2). An optimization barrier ties each iteration's inputs to the loop
     counter (so XLA can neither merge nor hoist the calls) and each output to a scalar carry
     (so nothing is dead and no output is copied). The per-call time is the slope between n=reps[0]
-    and n=reps[1] (medians of `samples` runs), which cancels the fixed dispatch overhead."""
+    and n=reps[1] (medians of `samples` runs), which cancels the fixed dispatch overhead.
+
+    sustain > 0: the op first runs back to back for sustain/3 seconds, then the slope is taken
+    from (lo, hi) pairs run back to back until `sustain` seconds have passed, hi scaled so a call
+    lasts >= 20 ms. An H100 at its 700 W cap lowers its clocks within about a second of steady
+    load, and by a different amount for each kernel (NOTES.md item 12); this measures that steady
+    state, the one a 50-step sampling loop runs in. `window` receives (start, end) of the timed
+    phase in time.time() seconds (for clock sampling)."""
     @jax.jit
     def run(n, sets):
         def body(i, c):
@@ -62,18 +73,60 @@ def time_op(fn, arg_sets, samples: int = 5, reps: tuple[int, int] = (1, 3)) -> f
             return c
         return lax.fori_loop(0, n, body, jnp.float32(0))
 
-    def med(n):
-        nn = jnp.int32(n)
-        jax.block_until_ready(run(nn, arg_sets))
-        ts = []
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(nn, arg_sets))
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+    def once(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(jnp.int32(n), arg_sets))
+        return time.perf_counter() - t0
 
     lo, hi = reps
-    return max(med(hi) - med(lo), 1e-9) / ((hi - lo) * len(arg_sets))
+    once(lo)                                   # compile
+    if sustain > 0:
+        scale = max(1, int(0.02 / max(once(hi) / hi, 1e-7) / hi) + 1)
+        lo, hi = lo * scale, hi * scale
+        t_heat = time.time() + sustain / 3
+        while time.time() < t_heat:
+            once(hi)
+        t_start, t_end = time.time(), time.time() + 2 * sustain / 3
+        los, his = [], []
+        while time.time() < t_end or len(los) < 3:
+            los.append(once(lo))
+            his.append(once(hi))
+        d_lo, d_hi = statistics.median(los), statistics.median(his)
+    else:
+        t_start = time.time()
+        d_lo = statistics.median([once(lo) for _ in range(samples)])
+        d_hi = statistics.median([once(hi) for _ in range(samples)])
+    if window is not None:
+        window.append((t_start, time.time()))
+    return max(d_hi - d_lo, 1e-9) / ((hi - lo) * len(arg_sets))
+
+
+class ClockSampler:
+    """SM clock and board power sampled by `nvidia-smi` every 100 ms in a background thread."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import threading
+        self.samples: list[tuple[float, float, float]] = []
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                mhz, watts = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), mhz, watts))
+
+    def mean(self, t0: float, t1: float) -> tuple[float, float]:
+        """Mean (SM MHz, W) over [t0, t1]; NaN if no sample fell inside."""
+        sel = [(c, w) for t, c, w in self.samples if t0 <= t <= t1]
+        if not sel:
+            return float("nan"), float("nan")
+        return statistics.mean(c for c, _ in sel), statistics.mean(w for _, w in sel)
 
 
 def make_inputs(m: int, k: int, n: int, sets: int, seed: int = 0):
@@ -98,25 +151,32 @@ def n_sets(m: int, k: int, n: int) -> int:
 
 
 def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: bool = True,
-                xla_path: bool = False) -> dict:
+                xla_path: bool = False, sustain: float = 0.0, clocks: ClockSampler | None = None) -> dict:
     sets = n_sets(m, k, n)
     ins = make_inputs(m, k, n, sets)
     res = dict(m=m, k=k, n=n, flop=2.0 * m * k * n)
+
+    def timed(key, fn, args):
+        window: list = []
+        res[key] = time_op(fn, args, sustain=sustain, window=window)
+        if clocks is not None:
+            res[key + "_mhz"], res[key + "_w"] = clocks.mean(*window[0])
+
     # XLA bf16 baseline: the same x against a dense bf16 weight.
     dense = [(d["x"], (d["w"].astype(jnp.float32) * d["scale"]).astype(jnp.bfloat16)) for d in ins]
-    res["xla"] = time_op(lambda x, w: jnp.dot(x, w), dense)
+    timed("xla", lambda x, w: jnp.dot(x, w), dense)
     del dense
     wo = lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend=backend)
     a8 = lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend=backend, activations="int8")
     args = [(d["x"], d["wp"], d["scale"]) for d in ins]
-    res["wo"] = time_op(wo, args)
-    res["a8"] = time_op(a8, args)
+    timed("wo", wo, args)
+    timed("a8", a8, args)
     if xla_path:
-        res["wo_xla"] = time_op(lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend="xla"), args)
+        timed("wo_xla", lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend="xla"), args)
     if kernel_only and backend != "xla":
         q = [(pk.quantize_activations(d["x"]), d["wp"], d["scale"]) for d in ins]
-        res["a8k"] = time_op(lambda cs, wp, s: _a8_kernel(cs, wp, s, backend), q)
-        res["q"] = time_op(pk.quantize_activations, [(d["x"],) for d in ins])
+        timed("a8k", lambda cs, wp, s: _a8_kernel(cs, wp, s, backend), q)
+        timed("q", pk.quantize_activations, [(d["x"],) for d in ins])
     if check:
         d = ins[0]
         ref = pk.ternary_matmul_ref(d["x"], d["wp"], d["scale"], out_dtype=jnp.float32)
@@ -149,23 +209,27 @@ def fmt_row(r: dict) -> str:
     cells.append(f"{r['q'] * 1e6:7.1f}" if "q" in r else "      -")
     cells.append(f"{r['err_wo']:.1e}" if "err_wo" in r else "    -  ")
     cells.append(f"{r['err_a8']:.1e}" if "err_a8" in r else "    -  ")
+    if "xla_mhz" in r:
+        cells.append(" / ".join(f"{r[key + '_mhz']:4.0f}" for key in ("xla", "wo", "a8k") if key + "_mhz" in r))
+        cells.append(" / ".join(f"{r[key + '_w']:3.0f}" for key in ("xla", "wo", "a8k") if key + "_w" in r))
     return " | ".join(cells)
 
 
 HEADER = ("  K -> N    |     M |  xla us  | xla TF |  wo us   | wo TF  | wo/xla |  a8 us   | a8 TF  | a8/xla"
           " | a8kern | wo-xla |  q us   | err wo  | err a8")
+CLOCK_HEADER = " | MHz xla / wo / a8kern | W xla / wo / a8kern"
 
 
-def sweep(m: int, k: int, n: int, dtype: str) -> None:
+def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
     """Time mosaic_gpu tile configurations for one problem (weight-only bf16 or int8 kernel)."""
     from pallas_kernels import mosaic_gpu as mg
     sets = n_sets(m, k, n)
     ins = make_inputs(m, k, n, sets)
     t_w = k // pk.TILE_K
     base = time_op(lambda x, w: jnp.dot(x, w),
-                   [(d["x"], d["w"].astype(jnp.bfloat16)) for d in ins])
+                   [(d["x"], d["w"].astype(jnp.bfloat16)) for d in ins], sustain=sustain)
     unpack = time_op(lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend="xla"),
-                     [(d["x"], d["wp"], d["scale"]) for d in ins])
+                     [(d["x"], d["wp"], d["scale"]) for d in ins], sustain=sustain)
     print(f"sweep {k}->{n} M={m} {dtype}: xla bf16 {base * 1e6:.1f} us ({2 * m * k * n / base / 1e12:.0f} TF); "
           f"xla unpack+dot {unpack * 1e6:.1f} us ({base / unpack:.2f}x)")
     if dtype == "int8":
@@ -184,11 +248,14 @@ def sweep(m: int, k: int, n: int, dtype: str) -> None:
                 for st, gw in ((4, 8), (4, 4), (4, 6), (4, 12), (4, 16), (3, 8), (3, 12))]
         grid += [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8, grid_minor_n=False)]
         grid += [c(tile_n=64, tile_m=128, stages=4, grid_tile_width=gw) for gw in (8, 12, 16)]
+        grid += [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8, cluster=2),
+                 c(tile_n=64, tile_m=128, stages=4, grid_tile_width=8, cluster=2)]
         grid += [c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_half=True),
                  c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_half=True),
                  c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_half=True)]
     else:
         grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
+                c(tile_n=64, tile_m=128, stages=2, overlap=False, cluster=2),
                 c(tile_n=64, tile_m=128, stages=4, k_half=True), c(tile_n=64, tile_m=128, stages=4, k_half=True,
                                                                   overlap=False),
                 c(tile_n=64, tile_m=128, stages=3, k_half=True),
@@ -197,18 +264,18 @@ def sweep(m: int, k: int, n: int, dtype: str) -> None:
     for cfg in grid:
         if m % cfg.tile_m and m > cfg.tile_m:
             continue
-        if t_w % cfg.k_splits:
+        if t_w % cfg.k_splits or n % (2 * cfg.tile_n * cfg.cluster):
             continue
         try:
             t = time_op(lambda x, st, wp, s, cfg=cfg: mg.ternary_matmul_mgpu(
-                x, wp, s, step=st, bias=None, out_dtype=jnp.bfloat16, config=cfg), args, samples=7)
+                x, wp, s, step=st, bias=None, out_dtype=jnp.bfloat16, config=cfg), args, samples=7, sustain=sustain)
         except Exception as e:  # noqa: BLE001 - report and go on (SMEM overflow etc.)
             if "shared memory" not in str(e):
                 raise
             print(f"  {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
-              f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)}: "
+              f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x", flush=True)
 
 
@@ -222,6 +289,9 @@ def main() -> None:
     ap.add_argument("--xla-path", action="store_true", help="also time the xla backend (unpack + dot)")
     ap.add_argument("--sweep", default="", help="'int8' or 'bf16': tile sweep of the mosaic_gpu kernel")
     ap.add_argument("--once", action="store_true", help="run each kernel once (e.g. with MOSAIC_GPU_DUMP_TO)")
+    ap.add_argument("--sustain", type=float, default=0.0,
+                    help="seconds of back-to-back load per op, timed in its steady power state (see time_op)")
+    ap.add_argument("--clocks", action="store_true", help="report mean SM clock and power per op (nvidia-smi)")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
     check_ms = {int(v) for v in a.check_ms.split(",") if v}
@@ -233,7 +303,7 @@ def main() -> None:
     if a.sweep:
         for k, n in shapes:
             for m in ms:
-                sweep(m, k, n, a.sweep)
+                sweep(m, k, n, a.sweep, a.sustain)
         return
     backend = pk.choose_backend(a.backend)
     if a.once:
@@ -245,11 +315,15 @@ def main() -> None:
                     y = pk.ternary_matmul(d["x"], d["wp"], d["scale"], backend=backend, activations=act)
                     print(f"{k}->{n} M={m} {act}: rel err {_rel(y, ref):.1e}", flush=True)
         return
-    print(HEADER, flush=True)
+    clocks = ClockSampler() if a.clocks else None
+    if a.sustain:
+        print(f"timing: steady state, {a.sustain:g} s of back-to-back load per op")
+    print(HEADER + (CLOCK_HEADER if clocks else ""), flush=True)
     rows = []
     for k, n in shapes:
         for m in ms:
-            r = bench_shape(m, k, n, backend, check=not a.no_check and m in check_ms, xla_path=a.xla_path)
+            r = bench_shape(m, k, n, backend, check=not a.no_check and m in check_ms, xla_path=a.xla_path,
+                            sustain=a.sustain, clocks=clocks)
             rows.append(r)
             print(fmt_row(r), flush=True)
 

@@ -70,3 +70,27 @@ def test_quality_default_variants():
     assert names == ["bf16", "ternary-tensor", "ternary-channel", "distilled"]
     names = [n for n, _ in quality.parse_variants(quality.default_variants(str(ROOT / "out" / "other")))]
     assert names == ["bf16", "ternary-tensor", "ternary-channel"]
+
+
+def test_kernels_time_op_sustained():
+    import jax.numpy as jnp
+    import numpy as np
+    import kernels
+    rng = np.random.default_rng(0)
+    small = [(jnp.asarray(rng.standard_normal((64, 64), np.float32)),)]
+    big = [(jnp.asarray(rng.standard_normal((768, 768), np.float32)),)]
+    window: list = []
+    t_small = kernels.time_op(lambda a: a @ a, small, sustain=0.6, window=window)
+    t_big = kernels.time_op(lambda a: a @ a, big, sustain=0.6)
+    (t0, t1), = window
+    assert t1 - t0 >= 0.4                      # the timed phase is the last 2/3 of the load
+    assert 0 < t_small < t_big / 20            # 1728x the flops
+
+
+def test_kernels_table_on_cpu():
+    out = _run(["benchmarks/kernels.py", "--ms", "16", "--shapes", "256x512", "--backend", "xla",
+                "--sustain", "0.3"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "steady state, 0.3 s" in out.stdout
+    row = [line for line in out.stdout.splitlines() if line.strip().startswith("256->512")]
+    assert len(row) == 1 and row[0].count("x |") >= 2, out.stdout
