@@ -60,7 +60,7 @@ def time_op(fn, arg_sets, samples: int = 5, reps: tuple[int, int] = (1, 3), sust
     sustain > 0: the op first runs back to back for sustain/3 seconds, then the slope is taken
     from (lo, hi) pairs run back to back until `sustain` seconds have passed, hi scaled so a call
     lasts >= 20 ms. An H100 at its 700 W cap lowers its clocks within about a second of steady
-    load, and by a different amount for each kernel (NOTES.md item 12); this measures that steady
+    load, and by a different amount for each kernel (NOTES.md item 13); this measures that steady
     state, the one a 50-step sampling loop runs in. `window` receives (start, end) of the timed
     phase in time.time() seconds (for clock sampling)."""
     @jax.jit
@@ -250,17 +250,19 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
         grid += [c(tile_n=64, tile_m=128, stages=4, grid_tile_width=gw) for gw in (8, 12, 16)]
         grid += [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8, cluster=2),
                  c(tile_n=64, tile_m=128, stages=4, grid_tile_width=8, cluster=2)]
-        grid += [c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_half=True),
-                 c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_half=True),
-                 c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_half=True)]
+        grid += [c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_steps=2),
+                 c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_steps=2),
+                 c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_steps=2)]
     else:
         grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
                 c(tile_n=64, tile_m=128, stages=2, overlap=False, cluster=2),
-                c(tile_n=64, tile_m=128, stages=4, k_half=True), c(tile_n=64, tile_m=128, stages=4, k_half=True,
+                c(tile_n=64, tile_m=128, stages=4, k_steps=2), c(tile_n=64, tile_m=128, stages=4, k_steps=2,
                                                                   overlap=False),
-                c(tile_n=64, tile_m=128, stages=3, k_half=True),
-                c(tile_n=128, tile_m=128, stages=3, epi_m=32, k_half=True),
-                c(tile_n=64, tile_m=64, stages=6, k_half=True)]
+                c(tile_n=64, tile_m=128, stages=3, k_steps=2),
+                c(tile_n=128, tile_m=128, stages=3, epi_m=32, k_steps=2),
+                c(tile_n=64, tile_m=64, stages=6, k_steps=2),
+                c(tile_n=64, tile_m=256, stages=4, k_steps=4), c(tile_n=64, tile_m=256, stages=4, k_steps=4,
+                                                                  overlap=False)]
     for cfg in grid:
         if m % cfg.tile_m and m > cfg.tile_m:
             continue

@@ -49,7 +49,7 @@ class MgpuConfig:
     grid_tile_width: int = 4
     epi_m: int = 64            # tokens per epilogue store chunk (2 chunks in flight per warpgroup)
     overlap: bool = True       # keep one wgmma in flight while unpacking the next plane
-    k_half: bool = False       # pipeline steps of half a K-tile (2 planes): smaller stages, more of them
+    k_steps: int = 1           # pipeline steps per K-tile (1, 2 or 4): smaller stages, more of them
     cluster: int = 1           # CTAs per cluster along N; 2: they share each x tile by TMA multicast
 
     def check(self) -> None:
@@ -59,6 +59,8 @@ class MgpuConfig:
             raise ValueError(f"tile_m must be a multiple of 8 in [8, {MAX_TILE_M}], got {self.tile_m}")
         if self.stages < 1 or self.k_splits < 1:
             raise ValueError(f"stages and k_splits must be >= 1, got {self.stages}, {self.k_splits}")
+        if self.k_steps not in (1, 2, 4):
+            raise ValueError(f"k_steps must be 1, 2 or 4, got {self.k_steps}")
         if self.cluster not in (1, 2):
             raise ValueError(f"cluster must be 1 or 2, got {self.cluster}")
         if self.cluster == 2 and self.tile_m % 16:
@@ -68,7 +70,7 @@ class MgpuConfig:
             raise ValueError("overlap needs stages >= 2 (a stage stays in use one step longer)")
 
     def step_k(self) -> int:
-        return TILE_K // 2 if self.k_half else TILE_K
+        return TILE_K // self.k_steps
 
     def epi_rows(self) -> int:
         return min(self.epi_m, self.tile_m)
@@ -180,8 +182,8 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
 
     x_item = x_dtype.itemsize
     step_k = cfg.step_k()
-    halves = TILE_K // step_k              # pipeline steps per weight K-tile
-    planes_per_step = PLANES // halves
+    k_steps = cfg.k_steps                  # pipeline steps per weight K-tile
+    planes_per_step = PLANES // k_steps
     _, x_transforms = _swizzle_transforms(step_k * x_item, x_item)
     # int8 B operand: the 64-element K-slab of a plane is one 64-byte swizzle atom; bf16: 128 bytes.
     if is_int8:
@@ -202,16 +204,16 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
 
         def get_pipeline(body, compute_context, k0=0):
             # Weight K-tile index wraps around: the fp32 hi/lo split repeats the weights.
-            w_map = lambda k: (lax.rem(lax.div(k, jnp.int32(halves)) + k0, jnp.int32(t_w)), 0, 0)
+            w_map = lambda k: (lax.rem(lax.div(k, jnp.int32(k_steps)) + k0, jnp.int32(t_w)), 0, 0)
             return plgpu.emit_pipeline_warp_specialized(
                 body,
-                grid=(k_per_split * halves,),
+                grid=(k_per_split * k_steps,),
                 memory_registers=40,
                 in_specs=[
                     plgpu.BlockSpec((None, cta_n, SLAB), w_map, transforms=w_transforms,
                                     memory_space=plgpu.SMEM, delay_release=delay),
                     # With a cluster, each CTA fetches half of the x tile and multicasts it to both.
-                    plgpu.BlockSpec((tile_m, step_k), lambda k: (0, k + k0 * halves), transforms=x_transforms,
+                    plgpu.BlockSpec((tile_m, step_k), lambda k: (0, k + k0 * k_steps), transforms=x_transforms,
                                     memory_space=plgpu.SMEM, delay_release=delay,
                                     collective_axes=("cluster",) if cluster > 1 else ()),
                 ],
@@ -297,13 +299,13 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                         plgpu.wgmma_wait(0)
 
                 def mma_body(idxs, w_smem, x_smem, acc_ref):
-                    if halves == 1:
+                    if k_steps == 1:
                         planes(0, w_smem, x_smem, acc_ref)
                     else:
                         (k,) = idxs
-                        half = lax.rem(k, jnp.int32(halves))
-                        for h in range(halves):
-                            pl.when(half == h)(functools.partial(planes, h * planes_per_step, w_smem, x_smem,
+                        sub = lax.rem(k, jnp.int32(k_steps))
+                        for h in range(k_steps):
+                            pl.when(sub == h)(functools.partial(planes, h * planes_per_step, w_smem, x_smem,
                                                                  acc_ref))
                     return acc_ref
 

@@ -173,13 +173,16 @@ def test_mosaic_gpu_lowers_odd_cases():
     _lower_mgpu(7, 600, 256, jnp.float32, out_dtype=jnp.float32)          # K % TILE_K != 0, fp32 split
     _lower_mgpu(33, 512, 128, jnp.int8, bias=False, config=MgpuConfig(tile_m=64, k_splits=2))
     _lower_mgpu(256, 1024, 512, jnp.bfloat16, config=MgpuConfig(tile_n=128, tile_m=128, stages=2))
-    _lower_mgpu(300, 768, 256, jnp.bfloat16, config=MgpuConfig(tile_n=64, tile_m=128, stages=4, k_half=True))
+    _lower_mgpu(300, 768, 256, jnp.bfloat16, config=MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2))
     _lower_mgpu(4608, 3072, 3072, jnp.int8, config=MgpuConfig(tile_n=64, tile_m=128, cluster=2))   # TMA multicast
     with pytest.raises(ValueError, match="cluster"):
         _lower_mgpu(256, 512, 384, jnp.int8, config=MgpuConfig(tile_n=64, tile_m=64, cluster=2))  # 384 % 256
     for bad in (dict(cluster=3), dict(cluster=2, tile_m=24)):
         with pytest.raises(ValueError, match="cluster"):
             MgpuConfig(**bad).check()
+    _lower_mgpu(4608, 3072, 21504, jnp.bfloat16, config=MgpuConfig(tile_m=256, stages=4, k_steps=4))
+    with pytest.raises(ValueError, match="k_steps"):
+        MgpuConfig(k_steps=3).check()
 
 
 def test_mosaic_gpu_default_configs_fit_shared_memory():
@@ -300,10 +303,11 @@ def test_gpu_mosaic_configs():
     for cfg in [MgpuConfig(tile_n=64, tile_m=64, stages=3), MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32),
                 MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2),
                 MgpuConfig(tile_n=128, tile_m=64, stages=2, epi_m=32, overlap=False, grid_tile_width=8),
-                MgpuConfig(tile_n=64, tile_m=128, stages=4, k_half=True),
+                MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2),
                 MgpuConfig(tile_n=64, tile_m=64, stages=3, cluster=2),
                 MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32, cluster=2),
-                MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2, cluster=2)]:
+                MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2, cluster=2),
+                MgpuConfig(tile_n=64, tile_m=256, stages=4, k_steps=4, overlap=False)]:
         got = ternary_matmul_mgpu(x, wp, scale, step=None, bias=b, out_dtype=jnp.float32, config=cfg)
         assert rel(got, ref) < 2e-5, cfg
         got8 = ternary_matmul_mgpu(codes, wp, scale, step=step, bias=b, out_dtype=jnp.float32, config=cfg)
