@@ -105,12 +105,17 @@ class ClockSampler:
     """SM clock and board power sampled by `nvidia-smi` every 100 ms in a background thread."""
 
     def __init__(self) -> None:
+        import atexit
         import subprocess
         import threading
         self.samples: list[tuple[float, float, float]] = []
-        self._proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100"],
-            stdout=subprocess.PIPE, text=True)
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError as e:
+            raise SystemExit("--clocks needs nvidia-smi on PATH (an NVIDIA GPU machine)") from e
+        atexit.register(self._proc.terminate)   # nvidia-smi -lms runs until stopped
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

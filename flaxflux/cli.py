@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objective", choices=("velocity", "flow"),
                    help="velocity: match the teacher's velocity (default); flow: reflow on the teacher's samples")
     p.add_argument("--onpolicy", type=float,
-                   help="fraction of each batch taken from the student's own sampling trajectories (default 0)")
-    p.add_argument("--rollout-every", type=int, help="steps between refreshes of the student's trajectories")
-    p.add_argument("--rollout-samples", type=int, help="samples the student rolls out per refresh")
+                   help="fraction of each batch taken from the student's own sampling trajectories "
+                        "(default 0.25; 0: the teacher's trajectories only)")
+    p.add_argument("--rollout-every", type=int,
+                   help="steps between refreshes of the student's trajectories (default 500)")
+    p.add_argument("--rollout-samples", type=int,
+                   help="samples the student rolls out per refresh (default 8 x batch)")
     p.add_argument("--size", type=int, help="image side (default: the scheduler's base resolution)")
     p.add_argument("--samples-per-prompt", type=int)
     p.add_argument("--sample-steps", type=int, help="teacher sampling steps for the teacher data")

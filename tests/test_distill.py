@@ -251,3 +251,15 @@ def test_sharded_over_8_devices_matches_one_device(teacher, tmp_path):
         else:
             np.testing.assert_allclose(one[k].astype(np.float32), eight[k].astype(np.float32), rtol=2e-2,
                                        atol=2e-3, err_msg=k)
+
+
+def test_cli_help_states_the_config_defaults(capsys):
+    # the CLI imports DistillConfig lazily, so its help texts spell the defaults out: keep them true
+    from flaxflux.cli import main as cli_main
+    with pytest.raises(SystemExit):
+        cli_main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cfg = D.DistillConfig()
+    assert f"(default {cfg.onpolicy};" in text
+    assert f"(default {cfg.rollout_every})" in text
+    assert cfg.rollouts() == 8 * cfg.batch and "(default 8 x batch)" in text
