@@ -260,6 +260,7 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                  c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_steps=2)]
     else:
         grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
+                c(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True),
                 c(tile_n=64, tile_m=128, stages=2, overlap=False, cluster=2),
                 c(tile_n=64, tile_m=128, stages=4, k_steps=2), c(tile_n=64, tile_m=128, stages=4, k_steps=2,
                                                                   overlap=False),
@@ -273,6 +274,8 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
             continue
         if t_w % cfg.k_splits or n % (2 * cfg.tile_n * cfg.cluster):
             continue
+        if cfg.chain and (t_w // cfg.k_splits * cfg.k_steps) % cfg.stages:
+            continue
         try:
             t = time_op(lambda x, st, wp, s, cfg=cfg: mg.ternary_matmul_mgpu(
                 x, wp, s, step=st, bias=None, out_dtype=jnp.bfloat16, config=cfg), args, samples=7, sustain=sustain)
@@ -282,7 +285,8 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
             print(f"  {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
-              f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster}: "
+              f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster} "
+              f"chain={int(cfg.chain)}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x", flush=True)
 
 

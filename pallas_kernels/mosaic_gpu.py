@@ -51,6 +51,7 @@ class MgpuConfig:
     overlap: bool = True       # keep one wgmma in flight while unpacking the next plane
     k_steps: int = 1           # pipeline steps per K-tile (1, 2 or 4): smaller stages, more of them
     cluster: int = 1           # CTAs per cluster along N; 2: they share each x tile by TMA multicast
+    chain: bool = False        # one pipeline over all of a CTA's tiles: the next tile's loads start early
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
@@ -66,6 +67,8 @@ class MgpuConfig:
         if self.cluster == 2 and self.tile_m % 16:
             raise ValueError(f"cluster=2 splits the x tile between 2 CTAs: tile_m must be a multiple of 16, "
                              f"got {self.tile_m}")
+        if self.chain and self.overlap:
+            raise ValueError("chain needs overlap=False (JAX chains pipelines only without delayed release)")
         if self.overlap and self.stages < 2:
             raise ValueError("overlap needs stages >= 2 (a stage stays in use one step longer)")
 
@@ -177,6 +180,9 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
         raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} cluster={cluster} "
                          f"mp={mp} tile_m={tile_m} k_tiles={t_x} splits={splits} epi_m={cfg.epi_m}")
     m_iters, n_iters, k_per_split = mp // tile_m, n // (cta_n * cluster), t_x // splits
+    if cfg.chain and (k_per_split * cfg.k_steps) % cfg.stages:
+        raise ValueError(f"chain needs the pipeline steps per tile ({k_per_split * cfg.k_steps}) to be a multiple "
+                         f"of stages ({cfg.stages})")
     acc_dtype = jnp.int32 if is_int8 else jnp.float32
     final_dtype = jnp.dtype(jnp.float32) if splits > 1 else out_dtype
 
@@ -202,7 +208,7 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
         bias_gmem = rest.pop(0) if has_bias else None
         (out_gmem,) = rest
 
-        def get_pipeline(body, compute_context, k0=0):
+        def get_pipeline(body, compute_context, k0=0, state=None):
             # Weight K-tile index wraps around: the fp32 hi/lo split repeats the weights.
             w_map = lambda k: (lax.rem(lax.div(k, jnp.int32(k_steps)) + k0, jnp.int32(t_w)), 0, 0)
             return plgpu.emit_pipeline_warp_specialized(
@@ -221,6 +227,7 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                 num_compute_wgs=NUM_COMPUTE_WGS,
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute_context,
+                pipeline_state=state,
             )
 
         ignore = lambda *_, **__: None
@@ -309,8 +316,17 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                                                                  acc_ref))
                     return acc_ref
 
+                state = None
+                if cfg.chain:
+                    # Chained pipelines: the memory warpgroup fills the stages before the CTA's first
+                    # tile only, then keeps loading the next tile's steps as stages free up, and waits
+                    # for all stages to be consumed after the last tile (a CTA with one tile: START).
+                    pp = plgpu.PipelinePipeline
+                    state = jnp.where(info.local_index == 0, jnp.int32(pp.START),
+                                      jnp.where(info.local_index == info.num_local_steps - 1,
+                                                jnp.int32(pp.STOP), jnp.int32(pp.STEADY)))
                 w_src = w_gmem.at[:, pl.ds(n_idx * cta_n, cta_n)]
-                get_pipeline(mma_body, compute_context, k0)(w_src, x_gmem.at[m_sl], allocations=allocs)
+                get_pipeline(mma_body, compute_context, k0, state)(w_src, x_gmem.at[m_sl], allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -356,7 +372,8 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     M > 64: among the measured tile shapes, the one with the least predicted time
     ceil(tiles / SMs) * tile_work / rate, i.e. fast tiles that do not leave the last wave of CTAs
     half empty. bf16 keeps one wgmma group in flight only where 3+ stages fit (measured: with 2
-    stages the delayed release starves the pipeline). M <= 64: 64-row warpgroup tiles, 16-token
+    stages the delayed release starves the pipeline); otherwise it chains the pipelines of a CTA's
+    tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). M <= 64: 64-row warpgroup tiles, 16-token
     tiles, deep pipelines and split-K (so that enough CTAs stream the weights)."""
     x_item = jnp.dtype(x_dtype).itemsize
     kind = "int8" if x_item == 1 else "bf16"
@@ -387,8 +404,12 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
             continue
         cand = dataclasses.replace(cfg, stages=stages, overlap=stages >= 3)
         if cand.smem_bytes(x_item, out_item) <= SMEM_LIMIT:
-            return cand
-    return cfg
+            break
+    else:
+        cand = cfg
+    if kind == "bf16" and m > _SMALL_M and not cand.overlap and (k_tiles // splits) % cand.stages == 0:
+        cand = dataclasses.replace(cand, chain=True)
+    return cand
 
 
 def fit_pipeline(cfg: MgpuConfig, k_tiles: int) -> MgpuConfig:
@@ -398,7 +419,7 @@ def fit_pipeline(cfg: MgpuConfig, k_tiles: int) -> MgpuConfig:
     steps = (k_tiles // cfg.k_splits) * (TILE_K // cfg.step_k())
     if cfg.stages <= steps:
         return cfg
-    return dataclasses.replace(cfg, stages=steps, overlap=cfg.overlap and steps >= 3)
+    return dataclasses.replace(cfg, stages=steps, overlap=cfg.overlap and steps >= 3)   # chain stays valid
 
 
 def supports(n: int) -> bool:

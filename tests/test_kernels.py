@@ -183,6 +183,11 @@ def test_mosaic_gpu_lowers_odd_cases():
     _lower_mgpu(4608, 3072, 21504, jnp.bfloat16, config=MgpuConfig(tile_m=256, stages=4, k_steps=4))
     with pytest.raises(ValueError, match="k_steps"):
         MgpuConfig(k_steps=3).check()
+    _lower_mgpu(4608, 3072, 3072, jnp.bfloat16, config=MgpuConfig(stages=4, k_steps=2, overlap=False, chain=True))
+    with pytest.raises(ValueError, match="chain needs overlap=False"):
+        MgpuConfig(overlap=True, chain=True).check()
+    with pytest.raises(ValueError, match=r"chain needs the pipeline steps per tile \(3\)"):   # 3 K-tiles, 2 stages
+        _lower_mgpu(4608, 768, 3072, jnp.bfloat16, config=MgpuConfig(stages=2, overlap=False, chain=True))
 
 
 def test_mosaic_gpu_default_configs_fit_shared_memory():
@@ -195,6 +200,11 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
                 out_item = 4 if cfg.k_splits > 1 else 2
                 assert cfg.smem_bytes(jnp.dtype(x_dtype).itemsize, out_item) <= mg.SMEM_LIMIT, (m, k, n, cfg)
                 assert n % (2 * cfg.tile_n) == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
+                steps = (k // layout.TILE_K) // cfg.k_splits * cfg.k_steps
+                assert not cfg.chain or (steps % cfg.stages == 0 and not cfg.overlap), (m, k, n, cfg)
+    # Large-M weight-only tiles chain their pipelines where the K steps divide into the stages.
+    assert mg.default_config(4608, 3072, 12, jnp.bfloat16).chain
+    assert not mg.default_config(4608, 3072, 3, jnp.bfloat16).chain          # 3 K-tiles, 2 stages
 
 
 def test_mosaic_gpu_pipeline_never_deeper_than_the_k_loop():
@@ -290,28 +300,47 @@ def test_gpu_small_model_shapes(k, n):
                           out_dtype=jnp.bfloat16)
 
 
-@pytest.mark.gpu
-def test_gpu_mosaic_configs():
+def _check_mosaic_configs(m, k, n, seed, configs):
+    """The Mosaic GPU kernel with explicit configs against the references (bf16 and int8 x)."""
     if "mosaic_gpu" not in _gpu_backends():
         pytest.skip("needs a Hopper GPU")
-    from pallas_kernels.mosaic_gpu import MgpuConfig, ternary_matmul_mgpu
-    x, w, scale, b = problem(512, 1024, 512, seed=5)
+    from pallas_kernels.mosaic_gpu import ternary_matmul_mgpu
+    x, w, scale, b = problem(m, k, n, seed=seed)
     wp = pk.pack_ternary(jnp.asarray(w))
     ref = pk.ternary_matmul_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
     codes, step = pk.quantize_activations(x)
     ref8 = pk.ternary_matmul_a8_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
-    for cfg in [MgpuConfig(tile_n=64, tile_m=64, stages=3), MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32),
-                MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2),
-                MgpuConfig(tile_n=128, tile_m=64, stages=2, epi_m=32, overlap=False, grid_tile_width=8),
-                MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2),
-                MgpuConfig(tile_n=64, tile_m=64, stages=3, cluster=2),
-                MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32, cluster=2),
-                MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2, cluster=2),
-                MgpuConfig(tile_n=64, tile_m=256, stages=4, k_steps=4, overlap=False)]:
+    for cfg in configs:
         got = ternary_matmul_mgpu(x, wp, scale, step=None, bias=b, out_dtype=jnp.float32, config=cfg)
         assert rel(got, ref) < 2e-5, cfg
         got8 = ternary_matmul_mgpu(codes, wp, scale, step=step, bias=b, out_dtype=jnp.float32, config=cfg)
         assert rel(got8, ref8) < 1e-5, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_configs():
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(512, 1024, 512, 5, [
+        MgpuConfig(tile_n=64, tile_m=64, stages=3), MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32),
+        MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2),
+        MgpuConfig(tile_n=128, tile_m=64, stages=2, epi_m=32, overlap=False, grid_tile_width=8),
+        MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2),
+        MgpuConfig(tile_n=64, tile_m=64, stages=3, cluster=2),
+        MgpuConfig(tile_n=128, tile_m=128, stages=2, epi_m=32, cluster=2),
+        MgpuConfig(tile_n=64, tile_m=64, stages=2, k_splits=2, cluster=2),
+        MgpuConfig(tile_n=64, tile_m=256, stages=4, k_steps=4, overlap=False),
+        MgpuConfig(tile_n=64, tile_m=64, stages=2, overlap=False, chain=True),      # one tile per CTA
+        MgpuConfig(tile_n=64, tile_m=64, stages=4, k_steps=2, overlap=False, chain=True)])
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_chained_pipelines():
+    # 288 tiles on 132 SMs: CTAs run 2 or 3 tiles through one chained pipeline (START, STEADY, STOP).
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(2048, 1024, 2304, 6, [
+        MgpuConfig(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True),
+        MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2, overlap=False, chain=True),
+        MgpuConfig(tile_n=64, tile_m=128, stages=2, k_splits=2, overlap=False, chain=True)])
 
 
 @pytest.mark.gpu
