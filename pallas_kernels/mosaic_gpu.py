@@ -320,7 +320,9 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                 if cfg.chain:
                     # Chained pipelines: the memory warpgroup fills the stages before the CTA's first
                     # tile only, then keeps loading the next tile's steps as stages free up, and waits
-                    # for all stages to be consumed after the last tile (a CTA with one tile: START).
+                    # for all stages to be consumed after the last tile. A CTA with one tile runs
+                    # START and skips that wait, which only keeps the barriers in phase for a next
+                    # pipeline; none follows.
                     pp = plgpu.PipelinePipeline
                     state = jnp.where(info.local_index == 0, jnp.int32(pp.START),
                                       jnp.where(info.local_index == info.num_local_steps - 1,
@@ -373,8 +375,9 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     ceil(tiles / SMs) * tile_work / rate, i.e. fast tiles that do not leave the last wave of CTAs
     half empty. bf16 keeps one wgmma group in flight only where 3+ stages fit (measured: with 2
     stages the delayed release starves the pipeline); otherwise it chains the pipelines of a CTA's
-    tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). M <= 64: 64-row warpgroup tiles, 16-token
-    tiles, deep pipelines and split-K (so that enough CTAs stream the weights)."""
+    tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). M <= 64:
+    64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K (so that enough CTAs stream
+    the weights)."""
     x_item = jnp.dtype(x_dtype).itemsize
     kind = "int8" if x_item == 1 else "bf16"
     if m > _SMALL_M:
