@@ -253,6 +253,8 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                 for st, gw in ((4, 8), (4, 4), (4, 6), (4, 12), (4, 16), (3, 8), (3, 12))]
         grid += [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8, grid_minor_n=False)]
         grid += [c(tile_n=64, tile_m=128, stages=4, grid_tile_width=gw) for gw in (8, 12, 16)]
+        grid += [c(tile_n=128, tile_m=144, stages=3, epi_m=48, grid_tile_width=8),
+                 c(tile_n=64, tile_m=144, stages=4, epi_m=48, grid_tile_width=8)]
         grid += [c(tile_n=128, tile_m=128, stages=4, epi_m=32, grid_tile_width=8, cluster=2),
                  c(tile_n=64, tile_m=128, stages=4, grid_tile_width=8, cluster=2)]
         grid += [c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_steps=2),
@@ -261,6 +263,7 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
     else:
         grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
                 c(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True),
+                c(tile_n=64, tile_m=144, stages=2, overlap=False, chain=True, epi_m=48),
                 c(tile_n=64, tile_m=128, stages=2, overlap=False, cluster=2),
                 c(tile_n=64, tile_m=128, stages=4, k_steps=2), c(tile_n=64, tile_m=128, stages=4, k_steps=2,
                                                                   overlap=False),

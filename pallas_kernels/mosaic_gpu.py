@@ -361,30 +361,44 @@ def num_sms() -> int:
 
 # Measured per-CTA-tile throughput (TFLOP/s over the whole H200 when every SM is busy; sweeps in
 # NOTES.md): (tile_n, tile_m) -> rate. Used to pick tiles that also fill the last wave of CTAs.
+# 144-token tiles cut M = 4608 into 32 rows of tiles: at N = 3072 that is 5.8 waves instead of
+# 6.5 (rates from wave-corrected times at N = 3072, NOTES.md item 16).
 _RATE = {
-    "int8": {(128, 128): 1410.0, (64, 128): 1330.0, (128, 64): 960.0, (64, 64): 900.0},
-    "bf16": {(64, 128): 620.0, (64, 64): 480.0, (128, 128): 480.0},
+    "int8": {(128, 128): 1410.0, (64, 128): 1330.0, (128, 144): 1480.0, (64, 144): 1350.0, (128, 64): 960.0,
+             (64, 64): 900.0},
+    "bf16": {(64, 128): 620.0, (64, 144): 640.0, (64, 64): 480.0, (128, 128): 480.0},
 }
 _SMALL_M = 64
+
+
+def _epilogue_chunk(tile_n: int, tile_m: int) -> int:
+    """Tokens per epilogue store chunk: 64 (32 for 128-row warpgroup tiles, whose 2 slots would
+    not fit beside the stages otherwise), or the next size that divides tile_m."""
+    for e in (32 if tile_n == 128 else 64, 48, 16, 8):
+        if tile_m <= e or tile_m % e == 0:
+            return e
+    raise ValueError(f"no epilogue chunk divides tile_m={tile_m}")
 
 
 def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, out_itemsize: int = 2) -> MgpuConfig:
     """A tile configuration for an (m, n, k) problem (measured choices; see NOTES.md).
 
-    M > 64: among the measured tile shapes, the one with the least predicted time
-    ceil(tiles / SMs) * tile_work / rate, i.e. fast tiles that do not leave the last wave of CTAs
-    half empty. bf16 keeps one wgmma group in flight only where 3+ stages fit (measured: with 2
-    stages the delayed release starves the pipeline); otherwise it chains the pipelines of a CTA's
-    tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). M <= 64:
-    64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K (so that enough CTAs stream
-    the weights)."""
+    M > 64: among the measured tile shapes that divide M (if any do), the one with the least
+    predicted time ceil(tiles / SMs) * tile_work / rate, i.e. fast tiles that do not leave the
+    last wave of CTAs half empty (at M = 4608: 144-token tiles, NOTES.md item 16). bf16 keeps
+    one wgmma group in flight only where 3+ stages fit (measured: with 2 stages the delayed
+    release starves the pipeline); otherwise it chains the pipelines of a CTA's tiles where the K
+    steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). M <= 64: 64-row warpgroup tiles,
+    16-token tiles, deep pipelines and split-K (so that enough CTAs stream the weights)."""
     x_item = jnp.dtype(x_dtype).itemsize
     kind = "int8" if x_item == 1 else "bf16"
     if m > _SMALL_M:
         best = None
+        # Tiles that divide M, where some do: padding M costs a copy of x and of the output.
+        dividing = any(m % tm == 0 for _, tm in _RATE[kind])
         for (tile_n, tile_m), rate in _RATE[kind].items():
             cta_n = NUM_COMPUTE_WGS * tile_n
-            if n % cta_n:
+            if n % cta_n or (dividing and m % tile_m):
                 continue
             tiles = -(-m // tile_m) * (n // cta_n)
             t = -(-tiles // sms) * (cta_n * tile_m) / (rate / sms)
@@ -398,7 +412,7 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
         splits = 1
         while tiles * splits * 2 <= sms and k_tiles % (splits * 2) == 0 and k_tiles // (splits * 2) >= 4:
             splits *= 2
-    epi_m = 32 if tile_n == 128 else 64
+    epi_m = _epilogue_chunk(tile_n, tile_m)
     out_item = 4 if splits > 1 else out_itemsize
     cfg = MgpuConfig(tile_n=tile_n, tile_m=tile_m, stages=2, k_splits=splits, epi_m=epi_m,
                      grid_tile_width=8 if kind == "int8" else 4, overlap=False)

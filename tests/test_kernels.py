@@ -202,6 +202,15 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
                 assert n % (2 * cfg.tile_n) == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
                 steps = (k // layout.TILE_K) // cfg.k_splits * cfg.k_steps
                 assert not cfg.chain or (steps % cfg.stages == 0 and not cfg.overlap), (m, k, n, cfg)
+    # At M = 4608 the tiles fill the last wave of CTAs (144-token tiles at N = 3072: 5.8 waves, not
+    # 6.5), and elsewhere the tiles divide M where a measured tile shape does (no padding copies).
+    for k, n in FLUX_SHAPES:
+        for x_dtype in (jnp.int8, jnp.bfloat16):
+            cfg = mg.default_config(4608, n, k // layout.TILE_K, x_dtype)
+            waves = 4608 // cfg.tile_m * n // (2 * cfg.tile_n) / 132
+            assert waves / -(-waves // 1) >= 0.95, (k, n, cfg, waves)
+            for m in (1536, 4096):
+                assert m % mg.default_config(m, n, k // layout.TILE_K, x_dtype).tile_m == 0, (m, k, n)
     # Large-M weight-only tiles chain their pipelines where the K steps divide into the stages.
     assert mg.default_config(4608, 3072, 12, jnp.bfloat16).chain
     assert not mg.default_config(4608, 3072, 3, jnp.bfloat16).chain          # 3 K-tiles, 2 stages
@@ -341,6 +350,15 @@ def test_gpu_mosaic_chained_pipelines():
         MgpuConfig(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True),
         MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2, overlap=False, chain=True),
         MgpuConfig(tile_n=64, tile_m=128, stages=2, k_splits=2, overlap=False, chain=True)])
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_144_token_tiles():
+    # The M = 4608 defaults' tile shapes; M = 2000 pads to 14 tiles of 144 tokens, 1 or 2 per CTA.
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(2000, 1024, 2304, 7, [
+        MgpuConfig(tile_n=64, tile_m=144, stages=2, epi_m=48, overlap=False, chain=True),
+        MgpuConfig(tile_n=128, tile_m=144, stages=2, epi_m=16, grid_tile_width=8)])   # f32 out: 2 stages fit
 
 
 @pytest.mark.gpu
