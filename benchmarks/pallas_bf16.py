@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import kernels as kb  # noqa: E402
-import pallas_kernels as pk  # noqa: E402
+import kernels as kb   # benchmarks/kernels.py (the script's own folder); it puts the repo on sys.path
+import pallas_kernels as pk
 
 M = 4608
 

@@ -373,11 +373,11 @@ _SMALL_M = 64
 
 def _epilogue_chunk(tile_n: int, tile_m: int) -> int:
     """Tokens per epilogue store chunk: 64 (32 for 128-row warpgroup tiles, whose 2 slots would
-    not fit beside the stages otherwise), or the next size that divides tile_m."""
-    for e in (32 if tile_n == 128 else 64, 48, 16, 8):
+    not fit beside the stages otherwise), or the next size that divides tile_m (8 always does)."""
+    for e in (32 if tile_n == 128 else 64, 48, 16):
         if tile_m <= e or tile_m % e == 0:
             return e
-    raise ValueError(f"no epilogue chunk divides tile_m={tile_m}")
+    return 8
 
 
 def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, out_itemsize: int = 2) -> MgpuConfig:
