@@ -1,9 +1,11 @@
 """Packed ternary (1.58-bit) matmul: layout, jnp references, and backend dispatch.
 
 Backends: "mosaic_gpu" (Hopper, Pallas Mosaic GPU: wgmma with the unpacked weights as the
-register operand), "triton" (Pallas Triton, for other CUDA GPUs while JAX ships it), "xla"
-(unpack + dot; CPU, TPU and every fallback). backend="auto" picks by device and JAX version;
-`explain_backend()` says why.
+register operand), "triton" (Pallas Triton, for other CUDA GPUs while JAX ships it; at M = 1 its
+CUDA-core GEMV kernel, gemv.py), "xla" (unpack + dot; CPU, TPU and every fallback).
+backend="auto" picks by device and JAX version, and on Hopper runs weight-only products of one
+token on the Triton GEMV, which measured 1.4-1.9x faster there than the Mosaic kernel (NOTES.md
+item 17); `explain_backend()` says why.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .layout import (LAYOUT_NAME, LAYOUT_VERSION, SLAB, TILE_K, layout_metadata,
 from .reference import quantize_activations, ternary_matmul_a8_ref, ternary_matmul_ref
 
 BACKENDS = ("xla", "triton", "mosaic_gpu")
+GEMV_M = 1   # tokens up to which the triton backend (and "auto", weight-only) runs the GEMV kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +53,9 @@ def _auto() -> tuple[str, str]:
         return "xla", f"{kind} reports no CUDA compute capability (ROCm?): the kernels here are CUDA-only"
     major = int(cc.split(".")[0])
     if major == 9 and _jax_version() >= (0, 10):
+        gemv = "; weight-only M = 1: Pallas Triton GEMV" if _triton_available() else ""
         return "mosaic_gpu", (f"{kind} (sm_{cc.replace('.', '')}) is Hopper: Mosaic GPU wgmma kernel "
-                              f"(JAX {jax.__version__})")
+                              f"(JAX {jax.__version__}){gemv}")
     if _triton_available():
         return "triton", (f"{kind} (compute capability {cc}) is not Hopper (the Mosaic GPU kernel uses "
                           f"sm_90a wgmma); JAX {jax.__version__} still ships Pallas Triton")
@@ -95,13 +99,17 @@ def _check_args(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.A
     return n
 
 
-def _resolve(backend: str, n: int, interpret: bool) -> str:
+def _resolve(backend: str, n: int, interpret: bool, m: int, activations: str) -> str:
     """The backend that runs this call: "auto" falls back (mosaic_gpu -> triton -> xla) when a
-    kernel cannot tile N; an explicit backend that cannot raises."""
-    from . import mosaic_gpu, triton
+    kernel cannot tile N, and takes the Triton GEMV for one token of weight-only on Hopper; an
+    explicit backend that cannot tile N raises."""
+    from . import gemv, mosaic_gpu, triton
     name = choose_backend(backend)
     if backend == "auto" and interpret:
         name = "triton" if _triton_available() else "xla"
+    if (backend == "auto" and name == "mosaic_gpu" and m <= GEMV_M and activations == "native"
+            and _triton_available() and gemv.supports(m, n)):
+        name = "triton"
     if name == "mosaic_gpu" and not mosaic_gpu.supports(n):
         if backend != "auto":
             raise ValueError(f"mosaic_gpu needs N a multiple of {2 * mosaic_gpu.WG_ROWS}, got N={n}")
@@ -125,13 +133,13 @@ def ternary_matmul(x: jax.Array, w_packed: jax.Array, scale: jax.Array, *, bias:
         raise ValueError(f"activations must be 'native' or 'int8', got {activations!r}")
     n = _check_args(x, w_packed, scale, bias)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    name = _resolve(backend, n, interpret)
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = math.prod(lead)
+    name = _resolve(backend, n, interpret, m, activations)
     if name == "xla":
         fn = ternary_matmul_a8_ref if activations == "int8" else ternary_matmul_ref
         return fn(x, w_packed, scale, bias=bias, out_dtype=out_dtype)
 
-    lead, k = x.shape[:-1], x.shape[-1]
-    m = math.prod(lead)
     if m == 0:
         return jnp.zeros((*lead, n), out_dtype)
     x2d = x.reshape(m, k)
@@ -141,7 +149,11 @@ def ternary_matmul(x: jax.Array, w_packed: jax.Array, scale: jax.Array, *, bias:
     elif x2d.dtype == jnp.float16:
         x2d = x2d.astype(jnp.float32)   # kernels take bf16 or fp32 (fp32: exact bf16 hi/lo split)
     scale_n = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (n,))
-    if name == "triton":
+    if name == "triton" and m <= GEMV_M:
+        from .gemv import ternary_gemv_triton
+        y = ternary_gemv_triton(x2d, w_packed, scale_n, step=step, bias=bias, out_dtype=out_dtype,
+                                interpret=interpret)
+    elif name == "triton":
         from .triton import ternary_matmul_triton
         y = ternary_matmul_triton(x2d, w_packed, scale_n, step=step, bias=bias, out_dtype=out_dtype,
                                   interpret=interpret)
@@ -152,6 +164,6 @@ def ternary_matmul(x: jax.Array, w_packed: jax.Array, scale: jax.Array, *, bias:
     return y.reshape(*lead, n)
 
 
-__all__ = ["BACKENDS", "LAYOUT_NAME", "LAYOUT_VERSION", "SLAB", "TILE_K", "choose_backend", "explain_backend",
+__all__ = ["BACKENDS", "GEMV_M", "LAYOUT_NAME", "LAYOUT_VERSION", "SLAB", "TILE_K", "choose_backend", "explain_backend",
            "layout_metadata", "pack_ternary", "pack_ternary_np", "padded_k", "quantize_activations",
            "ternary_matmul", "ternary_matmul_a8_ref", "ternary_matmul_ref", "unpack_ternary", "unpack_ternary_np"]

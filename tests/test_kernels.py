@@ -137,6 +137,133 @@ def test_triton_interpret_configs():
         assert rel(got, ref) < 2e-5
 
 
+# --- Pallas Triton GEMV (M <= 4, CUDA cores): interpret mode, its inline PTX, CUDA lowering -------
+
+
+def _check_gemv(m, k, n, dtype, cfg, *, seed=0, bias=True, interpret=True):
+    from pallas_kernels.gemv import ternary_gemv_triton
+    x, w, scale, b = problem(m, k, n, seed=seed, dtype=jnp.float32)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    b = b if bias else None
+    if dtype == jnp.int8:
+        codes, step = pk.quantize_activations(x)
+        got = ternary_gemv_triton(codes, wp, scale, step=step, bias=b, out_dtype=jnp.float32, config=cfg,
+                                  interpret=interpret)
+        ref = pk.ternary_matmul_a8_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
+    else:
+        x = x.astype(dtype)
+        got = ternary_gemv_triton(x, wp, scale, step=None, bias=b, out_dtype=jnp.float32, config=cfg,
+                                  interpret=interpret)
+        # The GEMV multiplies x as it is (fp32 products are exact): compare in fp32 throughout.
+        ref = pk.ternary_matmul_ref(x.astype(jnp.float32), wp, scale, bias=b, out_dtype=jnp.float32)
+    assert got.shape == (m, n)
+    assert rel(got, ref) < 2e-6, (m, k, n, dtype, cfg)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.int8])
+def test_gemv_interpret(m, dtype):
+    from pallas_kernels.gemv import GemvConfig
+    _check_gemv(m, 600, 96, dtype, None, seed=m)                       # K % TILE_K != 0, block_n 32
+    _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1, num_warps=2), seed=m + 1, bias=False)
+
+
+def test_gemv_interpret_flux_shape():
+    from pallas_kernels.gemv import GemvConfig
+    _check_gemv(1, 3072, 3072, jnp.bfloat16, None, seed=9)
+    _check_gemv(1, 15360, 3072, jnp.bfloat16, GemvConfig(block_n=128, k_splits=4), seed=10)
+
+
+def test_gemv_config_errors():
+    from pallas_kernels.gemv import GemvConfig, ternary_gemv_triton
+    x, w, scale, _ = problem(1, 512, 96)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    for cfg, msg in [(GemvConfig(block_n=48), "power of 2"), (GemvConfig(block_n=64), "multiple of block_n"),
+                     (GemvConfig(block_n=32, k_splits=3), "k_splits=3")]:
+        with pytest.raises(ValueError, match=msg):
+            ternary_gemv_triton(x, wp, scale, step=None, bias=None, out_dtype=jnp.float32, config=cfg,
+                                interpret=True)
+    x5, *_ = problem(5, 512, 96)
+    with pytest.raises(ValueError, match="1..4 rows"):
+        ternary_gemv_triton(x5, wp, scale, step=None, bias=None, out_dtype=jnp.float32, interpret=True)
+
+
+def _emulate_ptx(asm, operands):
+    """Run the GEMV's inline PTX in numpy, elementwise: the instructions it uses and nothing else."""
+    import struct
+    regs = {f"${i}": np.asarray(v, np.uint32) for i, v in enumerate(operands)}
+    f32 = lambda u: np.asarray(u, np.uint32).view(np.float32)
+
+    def get(tok):
+        if tok in regs:
+            return regs[tok]
+        if tok.startswith("0f"):
+            return np.asarray(struct.unpack(">I", bytes.fromhex(tok[2:]))[0], np.uint32)
+        return np.asarray(int(tok, 0), np.uint32)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        src = [get(a) for a in args[1:]]
+        if op in ("mov.b32", "mov.f32"):
+            r = src[0]
+        elif op == "shr.u32":
+            r = src[0] >> src[1]
+        elif op == "lop3.b32":
+            assert args[4] == "0xEA"   # (a & b) | c
+            r = (src[0] & src[1]) | src[2]
+        elif op == "fma.rn.f32":   # a * b is exact in float64; one rounding to fp32 (ties aside)
+            r = (f32(src[0]).astype(np.float64) * f32(src[1]) + f32(src[2])).astype(np.float32).view(np.uint32)
+        else:
+            raise AssertionError(f"unexpected PTX instruction: {line}")
+        regs[args[0]] = np.asarray(r, np.uint32)
+    return f32(regs["$0"])
+
+
+def test_gemv_inline_ptx_computes_the_word_dot_product():
+    """The GPU path's PTX block: acc + sum over the word's 16 codes c * x, where the code of byte b,
+    plane p sits at bits 8b + 2p (layout.py) and meets x_i, i = 4 * b + p (gemv._CODES order)."""
+    from pallas_kernels import gemv
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 3, (64, 4, 4)).astype(np.uint32)             # (element, byte b, plane p)
+    words = sum(codes[:, b, p] << np.uint32(8 * b + 2 * p) for b in range(4) for p in range(4))
+    xs = rng.standard_normal((16, 64)).astype(np.float32)
+    acc = rng.standard_normal(64).astype(np.float32)
+    got = _emulate_ptx(gemv._word_asm(), [np.zeros(64, np.uint32), acc.view(np.uint32), words,
+                                          *(x.view(np.uint32) for x in xs)])
+    assert [(b, p) for b, p, _ in gemv._CODES] == [(b, p) for b in range(4) for p in range(4)]
+    want = acc.astype(np.float64) + sum(codes[:, b, p] * xs[4 * b + p].astype(np.float64)
+                                        for b in range(4) for p in range(4))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_lowers_for_cuda():
+    from pallas_kernels.gemv import ternary_gemv_triton
+    for m, k, n, x_dtype in [(1, 3072, 21504, jnp.bfloat16), (1, 15360, 3072, jnp.bfloat16), (3, 600, 48, jnp.float32),
+                             (2, 1024, 64, jnp.int8)]:
+        x = jax.ShapeDtypeStruct((m, k), x_dtype)
+        wp = jax.ShapeDtypeStruct((layout.padded_k(k) // 4, n), jnp.int8)
+        vec = jax.ShapeDtypeStruct((n,), jnp.float32)
+        step = jax.ShapeDtypeStruct((m,), jnp.float32) if x_dtype == jnp.int8 else None
+        fn = lambda x, wp, s, st, b: ternary_gemv_triton(x, wp, s, step=st, bias=b, out_dtype=jnp.bfloat16)
+        txt = jax.jit(fn).trace(x, wp, vec, step, vec).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in txt
+
+
+def test_auto_dispatch_takes_the_gemv_for_one_token_on_hopper(monkeypatch):
+    monkeypatch.setattr(pk, "_auto", lambda: ("mosaic_gpu", "Hopper"))
+    monkeypatch.setattr(pk, "_triton_available", lambda: True)
+    assert pk._resolve("auto", 3072, False, 1, "native") == "triton"
+    assert pk._resolve("auto", 3072, False, 2, "native") == "mosaic_gpu"
+    assert pk._resolve("auto", 3072, False, 1, "int8") == "mosaic_gpu"
+    assert pk._resolve("mosaic_gpu", 3072, False, 1, "native") == "mosaic_gpu"
+    monkeypatch.setattr(pk, "_triton_available", lambda: False)
+    assert pk._resolve("auto", 3072, False, 1, "native") == "mosaic_gpu"
+
+
 # --- Mosaic GPU kernel: lowering for CUDA on the CPU machine ------------------------------------
 # JAX 0.10's GPU interpreter cannot run register-operand wgmma, so on CPU the Mosaic GPU kernel is
 # traced and lowered for CUDA (catching shape, layout and tiling errors); the GPU tests run it.
@@ -365,3 +492,18 @@ def test_gpu_mosaic_144_token_tiles():
 def test_gpu_auto_backend():
     want = "mosaic_gpu" if "mosaic_gpu" in _gpu_backends() else "triton"
     assert pk.choose_backend("auto") == want
+    assert pk._resolve("auto", 3072, False, 1, "native") == "triton"   # the GEMV, on Hopper too
+
+
+@pytest.mark.gpu
+def test_gpu_gemv():
+    from pallas_kernels.gemv import GemvConfig
+    for m in (1, 2, 3, 4):
+        for dtype in (jnp.bfloat16, jnp.float32, jnp.int8):
+            _check_gemv(m, 600, 256, dtype, None, seed=m, interpret=False)
+            _check_gemv(m, 1024, 512, dtype, GemvConfig(block_n=32, k_splits=2, num_warps=2), seed=m + 1,
+                        bias=False, interpret=False)
+    for k, n in FLUX_SHAPES:
+        _check_gemv(1, k, n, jnp.bfloat16, None, seed=k + n, interpret=False)
+    for k, n in REFMODEL_SHAPES:
+        _check_gemv(1, k, n, jnp.bfloat16, None, seed=k + n + 1, interpret=False)
