@@ -4,7 +4,7 @@ Backends: "mosaic_gpu" (Hopper, Pallas Mosaic GPU: wgmma with the unpacked weigh
 register operand), "triton" (Pallas Triton, for other CUDA GPUs while JAX ships it; at M = 1 its
 CUDA-core GEMV kernel, gemv.py), "xla" (unpack + dot; CPU, TPU and every fallback).
 backend="auto" picks by device and JAX version, and on Hopper runs weight-only products of one
-token on the Triton GEMV, which measured 1.4-1.9x faster there than the Mosaic kernel (NOTES.md
+token on the Triton GEMV, which measured 1.4-2.0x faster there than the Mosaic kernel (NOTES.md
 item 17); `explain_backend()` says why.
 """
 
