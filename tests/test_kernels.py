@@ -164,8 +164,9 @@ def _check_gemv(m, k, n, dtype, cfg, *, seed=0, bias=True, interpret=True):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.int8])
 def test_gemv_interpret(m, dtype):
     from pallas_kernels.gemv import GemvConfig
-    _check_gemv(m, 600, 96, dtype, None, seed=m)                       # K % TILE_K != 0, block_n 32
-    _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1, num_warps=2), seed=m + 1, bias=False)
+    _check_gemv(m, 600, 96, dtype, None, seed=m)        # K % TILE_K != 0, block_n 32, split K: XLA adds bias
+    _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1, num_warps=2), seed=m + 1)   # bias in-kernel
+    _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1), seed=m + 2, bias=False)
 
 
 def test_gemv_interpret_flux_shape():
