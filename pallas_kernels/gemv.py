@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles
+from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles, sum_split_k
 
 # Tokens per call. The work per weight grows with M: at M = 2 the Mosaic MMA kernel was already
 # faster on 2 of the 3 shapes measured, so dispatch uses this kernel for M = 1 (GEMV_M).
@@ -80,6 +80,7 @@ def _f32_hex(v: float) -> str:
     return "0f" + struct.pack(">f", v).hex().upper()
 
 
+@functools.cache
 def _word_asm() -> str:
     """PTX for acc + sum over a word's 16 codes c (= w + 1) of c * x_i, i in _CODES order:
     $0 out, $1 acc, $2 word, $3.. $18 the x values."""
@@ -191,16 +192,11 @@ def ternary_gemv_triton(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     k_tiles, n, _ = w3.shape
     cfg = config or default_config(n, k_tiles)
     cfg.check(n, k_tiles)
-    args = kernel_operands([x2d], m, k, m, w3, scale, step)
-    args[1] = lax.bitcast_convert_type(w3.reshape(k_tiles, n, WORDS, 4), jnp.int32)   # (T, N, WORDS)
+    words = lax.bitcast_convert_type(w3.reshape(k_tiles, n, WORDS, 4), jnp.int32)   # (T, N, WORDS), free
+    args = kernel_operands([x2d], m, k, m, words, scale, step)
     use_bias = bias is not None and cfg.k_splits == 1
     if use_bias:
         args.append(bias.astype(jnp.float32))
     call = _build(m, n, k_tiles, str(jnp.dtype(out_dtype)), step is not None, use_bias, cfg, interpret)
     out = call(*args)
-    if cfg.k_splits > 1:
-        out = out.sum(axis=0)
-        if bias is not None:
-            out = out + bias.astype(jnp.float32)
-        out = out.astype(out_dtype)
-    return out
+    return sum_split_k(out, bias, out_dtype) if cfg.k_splits > 1 else out

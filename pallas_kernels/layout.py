@@ -130,7 +130,8 @@ def unpack_ternary_np(packed: np.ndarray, k: int | None = None) -> np.ndarray:
 def kernel_operands(parts, m: int, k: int, mp: int, w3, scale, step=None) -> list:
     """The operands both Pallas kernels take: the activation parts (each (m, k_i)) zero-padded to
     `mp` rows and whole K tiles and joined along K, the tiled weights, the fp32 scale, and (for
-    W1.58A8) the per-row activation step padded to `mp` rows."""
+    W1.58A8) the per-row activation step padded to `mp` rows. w3 is passed through; only its
+    first axis (K-tiles) is read."""
     import jax.numpy as jnp
 
     kp = w3.shape[0] * TILE_K
@@ -140,3 +141,12 @@ def kernel_operands(parts, m: int, k: int, mp: int, w3, scale, step=None) -> lis
     if step is not None:
         args.append(jnp.pad(step.astype(jnp.float32), (0, mp - m)))
     return args
+
+
+def sum_split_k(partials, bias, out_dtype):
+    """Finish a split-K kernel: sum its fp32 partials (splits, rows, N) (scales already applied),
+    add the bias once, cast."""
+    out = partials.sum(axis=0)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(out_dtype)

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles
+from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles, sum_split_k
 
 # wgmma tile constraints: A (weights) rows come in groups of 64 per warpgroup; B columns (tokens)
 # a multiple of 8 and at most 256.
@@ -487,8 +487,5 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
                   cfg, num_sms())
     out = call(*args)
     if cfg.k_splits > 1:
-        out = out.reshape(cfg.k_splits, mp, n).sum(axis=0)
-        if bias is not None:
-            out = out + bias.astype(jnp.float32)
-        out = out.astype(out_dtype)
+        out = sum_split_k(out.reshape(cfg.k_splits, mp, n), bias, out_dtype)
     return out[:m] if mp != m else out
