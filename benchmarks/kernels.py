@@ -4,8 +4,9 @@ One run prints, for M in {1, 256, 1536, 4608} and every FLUX (K, N): TFLOP/s and
 XLA bf16 jnp.dot measured in the same run, for weight-only ternary and W1.58A8 (activation
 quantization included; "a8kern" excludes it), the quantization pass alone ("q us", XLA), plus
 relative errors vs the references (rows with M in --check-ms). With --backend auto (the default)
-each call keeps ternary_matmul's own choice: on Hopper the weight-only M = 1 rows run the Pallas
-Triton GEMV (pallas_kernels/gemv.py), everything else the Mosaic GPU kernel.
+each call keeps ternary_matmul's own choice: on Hopper the weight-only M = 1 rows and the W1.58A8
+M = 1 rows run the Pallas Triton GEMV (pallas_kernels/gemv.py), everything else the Mosaic GPU
+kernel.
 
     PYTHONPATH=. python3 benchmarks/kernels.py                  # full table, backend auto
     python3 benchmarks/kernels.py --ms 4608 --sustain 2 --clocks   # steady power state, clocks
@@ -161,7 +162,8 @@ def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: 
                 xla_path: bool = False, sustain: float = 0.0, clocks: ClockSampler | None = None,
                 requested: str | None = None) -> dict:
     """requested: the backend argument passed to ternary_matmul ("auto" keeps its per-call choice,
-    e.g. the GEMV at M = 1); backend: what it resolves to (the W1.58A8 kernel-only timing)."""
+    e.g. the GEMV at M = 1); backend: what it resolves to. The W1.58A8 kernel-only timing runs
+    the kernel `requested` picks for int8 activations at this M."""
     requested = requested or backend
     sets = n_sets(m, k, n)
     ins = make_inputs(m, k, n, sets)
@@ -186,7 +188,8 @@ def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: 
         timed("wo_xla", lambda x, wp, s: pk.ternary_matmul(x, wp, s, backend="xla"), args)
     if kernel_only and backend != "xla":
         q = [(pk.quantize_activations(d["x"]), d["wp"], d["scale"]) for d in ins]
-        timed("a8k", lambda cs, wp, s: _a8_kernel(cs, wp, s, backend), q)
+        a8_name = pk._resolve(requested, n, False, m, "int8")
+        timed("a8k", lambda cs, wp, s: _a8_kernel(cs, wp, s, a8_name), q)
         timed("q", pk.quantize_activations, [(d["x"],) for d in ins])
     if check:
         d = ins[0]
@@ -202,9 +205,12 @@ def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: 
 
 
 def _a8_kernel(codes_step, wp, s, backend):
+    """The W1.58A8 kernel `backend` runs, from int8 codes (the quantization pass left out)."""
     codes, step = codes_step
     if backend == "mosaic_gpu":
         from pallas_kernels.mosaic_gpu import ternary_matmul_mgpu as fn
+    elif codes.shape[0] <= pk.GEMV_M["int8"]:
+        from pallas_kernels.gemv import ternary_gemv_triton as fn
     else:
         from pallas_kernels.triton import ternary_matmul_triton as fn
     return fn(codes, wp, s, step=step, bias=None, out_dtype=jnp.bfloat16)

@@ -1,11 +1,11 @@
 """Packed ternary (1.58-bit) matmul: layout, jnp references, and backend dispatch.
 
 Backends: "mosaic_gpu" (Hopper, Pallas Mosaic GPU: wgmma with the unpacked weights as the
-register operand), "triton" (Pallas Triton, for other CUDA GPUs while JAX ships it; at M = 1 its
-CUDA-core GEMV kernel, gemv.py), "xla" (unpack + dot; CPU, TPU and every fallback).
-backend="auto" picks by device and JAX version, and on Hopper runs weight-only products of one
-token on the Triton GEMV, which measured 1.4-2.0x faster there than the Mosaic kernel (NOTES.md
-item 17); `explain_backend()` says why.
+register operand), "triton" (Pallas Triton, for other CUDA GPUs while JAX ships it; up to GEMV_M
+tokens its CUDA-core GEMV kernel, gemv.py), "xla" (unpack + dot; CPU, TPU and every fallback).
+backend="auto" picks by device and JAX version, and on Hopper runs the few-token products the
+Triton GEMV is faster at: weight-only M = 1 (1.4-2.0x over the Mosaic kernel, NOTES.md item 17)
+and W1.58A8 M <= 4 (its dp4a path, 1.1-2.3x, item 18); `explain_backend()` says why.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from .layout import (LAYOUT_NAME, LAYOUT_VERSION, SLAB, TILE_K, layout_metadata,
 from .reference import quantize_activations, ternary_matmul_a8_ref, ternary_matmul_ref
 
 BACKENDS = ("xla", "triton", "mosaic_gpu")
-GEMV_M = 1   # tokens up to which the triton backend (and "auto", weight-only) runs the GEMV kernel
+# Tokens up to which the triton backend (and "auto" on Hopper) runs the GEMV kernel, by activation
+# kind: measured crossovers against the Mosaic kernel (NOTES.md items 17, 18).
+GEMV_M = {"native": 1, "int8": 4}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +55,7 @@ def _auto() -> tuple[str, str]:
         return "xla", f"{kind} reports no CUDA compute capability (ROCm?): the kernels here are CUDA-only"
     major = int(cc.split(".")[0])
     if major == 9 and _jax_version() >= (0, 10):
-        gemv = "; weight-only M = 1: Pallas Triton GEMV" if _triton_available() else ""
+        gemv = "; weight-only M = 1 and W1.58A8 M <= 4: Pallas Triton GEMV" if _triton_available() else ""
         return "mosaic_gpu", (f"{kind} (sm_{cc.replace('.', '')}) is Hopper: Mosaic GPU wgmma kernel "
                               f"(JAX {jax.__version__}){gemv}")
     if _triton_available():
@@ -101,14 +103,14 @@ def _check_args(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.A
 
 def _resolve(backend: str, n: int, interpret: bool, m: int, activations: str) -> str:
     """The backend that runs this call: "auto" falls back (mosaic_gpu -> triton -> xla) when a
-    kernel cannot tile N, and takes the Triton GEMV for one token of weight-only on Hopper; an
-    explicit backend that cannot tile N raises."""
+    kernel cannot tile N, and takes the Triton GEMV on Hopper up to GEMV_M tokens; an explicit
+    backend that cannot tile N raises."""
     from . import gemv, mosaic_gpu, triton
     name = choose_backend(backend)
     if backend == "auto" and interpret:
         name = "triton" if _triton_available() else "xla"
-    if (backend == "auto" and name == "mosaic_gpu" and m <= GEMV_M and activations == "native"
-            and _triton_available() and gemv.supports(m, n)):
+    if (backend == "auto" and name == "mosaic_gpu" and m <= GEMV_M[activations] and _triton_available()
+            and gemv.supports(m, n)):
         name = "triton"
     if name == "mosaic_gpu" and not mosaic_gpu.supports(n):
         if backend != "auto":
@@ -149,7 +151,7 @@ def ternary_matmul(x: jax.Array, w_packed: jax.Array, scale: jax.Array, *, bias:
     elif x2d.dtype == jnp.float16:
         x2d = x2d.astype(jnp.float32)   # kernels take bf16 or fp32 (fp32: exact bf16 hi/lo split)
     scale_n = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (n,))
-    if name == "triton" and m <= GEMV_M:
+    if name == "triton" and m <= GEMV_M[activations]:
         from .gemv import ternary_gemv_triton
         y = ternary_gemv_triton(x2d, w_packed, scale_n, step=step, bias=bias, out_dtype=out_dtype,
                                 interpret=interpret)

@@ -1,13 +1,19 @@
 """Pallas Triton kernel for the packed ternary matmul at tiny M (a few tokens): CUDA cores, no MMA.
 
 At M = 1 the product is a matrix-vector product: it reads every weight byte once and does 2 flops
-per weight, so it is bound by how fast the weights stream, not by tensor cores. One program owns
-`block_n` output features and a range of K-tiles; per K-tile it loads the (block_n, 64-byte)
-packed slab (contiguous in the layout, layout.py) as 32-bit words, turns each 2-bit code into
-the fp32 number c = w + 1 and multiply-adds it into a (block_n, 16) fp32 accumulator per token
-(one column per word). The -1 of the offset code is paid once at the end
-(sum_k x_k w_k = sum_k x_k c_k - sum_k x_k), and the accumulator is reduced across its columns
-once, after the K loop. Products c * x are exact and sums are fp32, as in the reference.
+per weight, so it is bound by how fast the weights stream and by the instructions spent per
+weight, not by tensor cores. One program owns `block_n` output features and a range of K-tiles;
+per K-tile it loads the (block_n, 64-byte) packed slab (contiguous in the layout, layout.py) as
+32-bit words. The codes are the offset codes c = w + 1, so the kernel computes sum_k x_k c_k and
+subtracts sum_k x_k once. Two inner products, by activation type:
+
+- bf16 / f16 / fp32 x (weight-only): per word one inline-PTX block turns each 2-bit code into the
+  fp32 number c and multiply-adds c * x into an fp32 accumulator: 3 instructions per weight.
+  Products are exact and sums fp32, as in the reference.
+- int8 x (W1.58A8 codes with a per-token step): `(word >> 2p) & 0x03030303` is the 4 codes of K
+  positions 4q .. 4q + 3 of plane p (unsigned bytes), which meet 4 consecutive int8 codes of x,
+  one 32-bit word of x: one dp4a (byte dot product) per 4 weights, about 0.7 instructions per
+  weight, summed exactly in int32 across K; the steps are applied once at the end.
 
 Split-K (`k_splits` programs along K; by default one K-tile each) gives every shape enough
 programs to keep all SMs loading; XLA then sums the fp32 partials (scales applied in the kernel,
@@ -27,8 +33,8 @@ from jax.experimental import pallas as pl
 
 from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles, sum_split_k
 
-# Tokens per call. The work per weight grows with M: at M = 2 the Mosaic MMA kernel was already
-# faster on 2 of the 3 shapes measured, so dispatch uses this kernel for M = 1 (GEMV_M).
+# Tokens per call. The work per weight grows with M; dispatch decides up to which M this kernel
+# runs (GEMV_M in __init__.py).
 MAX_M = 4
 
 
@@ -56,23 +62,28 @@ def supports(m: int, n: int) -> bool:
 
 def default_config(n: int, k_tiles: int) -> GemvConfig:
     """128 features per program (fewer where N needs it) and one K-tile per program: the fastest
-    of the configurations swept at M = 1 on every FLUX shape (NOTES.md item 17). Each program
-    then streams one 8 KB slab, and the FLUX shapes launch 288-2016 programs."""
+    of the configurations swept at M = 1 on every FLUX shape, for both inner products (NOTES.md
+    items 17, 18: two tiles per program, software prefetch of the next tile, or Triton's pipeline
+    were slower or mixed). Each program then streams one 8 KB slab, and the FLUX shapes launch
+    288-2016 programs."""
     bn = next(b for b in (128, 64, 32, 16) if n % b == 0)
     return GemvConfig(block_n=bn, k_splits=k_tiles, num_warps=4)
 
 
-# Codes to fp32 without a conversion instruction (int -> float runs at a quarter of the fp32
-# rate on Hopper): a code c at bits s..s+1 of a 32-bit word, masked and OR-ed into the exponent
-# of 2^23, is the float 2^23 + c * 2^s exactly (s <= 14); (that - 2^23) * 2^-s = c exactly, in
-# one FMA. Words hold bytes j = 4q .. 4q + 3 (little-endian); the upper two bytes are reached
-# through one shift by 16 per word. On the GPU each word is one inline-PTX block, 3 instructions
-# per weight (LOP3, FMA, FMA): Triton on its own emits 5 (two LOP3, since a LOP3 takes one
-# immediate, and no FMA contraction; NOTES.md item 17). Interpret mode runs the same arithmetic
-# as jnp ops.
+# bf16 / fp32 x: codes to fp32 without a conversion instruction (int -> float runs at a quarter
+# of the fp32 rate on Hopper): a code c at bits s..s+1 of a 32-bit word, masked and OR-ed into the
+# exponent of 2^23, is the float 2^23 + c * 2^s exactly (s <= 14); (that - 2^23) * 2^-s = c
+# exactly, in one FMA. Words hold bytes j = 4q .. 4q + 3 (little-endian); the upper two bytes
+# are reached through one shift by 16 per word. On the GPU each word is one inline-PTX block,
+# 3 instructions per weight (LOP3, FMA, FMA): Triton on its own emits 5 (two LOP3, since a LOP3
+# takes one immediate, and no FMA contraction; NOTES.md item 17). Interpret mode runs the same
+# arithmetic as jnp ops.
 _MAGIC_BITS = 0x4B000000
-WORDS = SLAB // 4           # 32-bit words per packed row of a K-tile
+WORDS = SLAB // 4           # 32-bit weight words per packed row of a K-tile (16 codes each)
+TILE_WORDS = TILE_K // 4    # 32-bit words of int8 x per K-tile
 _CODES = [(b, p, 8 * (b % 2) + 2 * p) for b in range(4) for p in range(PLANES)]   # (byte, plane, bit)
+_CODE_MASK = 0x03030303     # the 4 codes of one plane in a word, one per byte
+_ONES = 0x01010101
 
 
 def _f32_hex(v: float) -> str:
@@ -81,7 +92,7 @@ def _f32_hex(v: float) -> str:
 
 
 @functools.cache
-def _word_asm() -> str:
+def _fma_asm() -> str:
     """PTX for acc + sum over a word's 16 codes c (= w + 1) of c * x_i, i in _CODES order:
     $0 out, $1 acc, $2 word, $3.. $18 the x values."""
     lines = ["{", ".reg .b32 hi, t, mg, mk;", ".reg .f32 a, c;", "mov.f32 a, $1;", "shr.u32 hi, $2, 16;",
@@ -94,7 +105,8 @@ def _word_asm() -> str:
     return "\n".join(lines + ["mov.f32 $0, a;", "}"])
 
 
-def _word_jnp(acc, words, xs):
+def _fma_jnp(acc, words, xs):
+    """Interpret-mode twin of `_fma_asm`."""
     halves = (words, lax.shift_right_logical(words, jnp.int32(16)))
     for (b, _, sh), xv in zip(_CODES, xs):
         bits = (halves[b // 2] & jnp.int32(3 << sh)) | jnp.int32(_MAGIC_BITS)
@@ -103,58 +115,110 @@ def _word_jnp(acc, words, xs):
     return acc
 
 
-def _kernel(x_ref, w_ref, s_ref, *rest, m: int, steps: int, has_step: bool, has_bias: bool, interpret: bool):
+def code_planes(words: jax.Array) -> list[jax.Array]:
+    """Per plane p, the word's 4 codes of K positions 4q .. 4q + 3 as unsigned bytes."""
+    return [lax.shift_right_logical(words, jnp.int32(2 * p)) & jnp.int32(_CODE_MASK) for p in range(PLANES)]
+
+
+@functools.cache
+def _dp4a_asm() -> str:
+    """PTX for $0 = $1 + sum over the 4 planes p of dp4a(codes $2+p (unsigned bytes), x word $6+p
+    (signed bytes)). Inline PTX because Triton has no byte dot product."""
+    lines = ["{", ".reg .b32 a;", "mov.b32 a, $1;"]
+    lines += [f"dp4a.u32.s32 a, ${2 + p}, ${6 + p}, a;" for p in range(PLANES)]
+    return "\n".join(lines + ["mov.b32 $0, a;", "}"])
+
+
+def _dp4a_jnp(acc, codes, xw):
+    """Interpret-mode twin of `_dp4a_asm`."""
+    for c, xl in zip(codes, xw):
+        for b in range(4):
+            xb = lax.shift_right_logical(xl, jnp.int32(8 * b)) & 255
+            acc = acc + (lax.shift_right_logical(c, jnp.int32(8 * b)) & 255) * ((xb ^ 128) - 128)
+    return acc
+
+
+def _asm(text: str, args: list, out_dtype, constraints: str):
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.elementwise_inline_asm(text, args=args, constraints=constraints, pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, out_dtype)])[0]
+
+
+def _fma_tile(x_ref, r, t, words, acc, xsum, interpret):
+    """One K-tile of one token, float x: returns (acc, xsum) with acc (bn, WORDS) fp32."""
+    bn = words.shape[0]
+    xs = []
+    for b, p, _ in _CODES:                                        # x[k] for k = p * SLAB + 4q + b
+        # (1, WORDS) then reshape: JAX 0.10's interpreter rejects an integer row index beside a
+        # strided slice.
+        xv = x_ref[pl.ds(r, 1), pl.ds(t * TILE_K + p * SLAB + b, WORDS, stride=4)]
+        xv = xv.reshape(WORDS).astype(jnp.float32)
+        xsum = xsum + xv
+        xs.append(jnp.broadcast_to(xv[None, :], (bn, WORDS)))
+    if interpret:
+        return _fma_jnp(acc, words, xs), xsum
+    return _asm(_fma_asm(), [acc, words, *xs], jnp.float32, "=f,f,r" + ",f" * len(xs)), xsum
+
+
+def _dp4a_tile(x_ref, r, t, codes, acc, xsum, interpret):
+    """One K-tile of one token, int8 x (as int32 words): returns (acc, xsum), both int32,
+    acc (bn, WORDS) and xsum (1, WORDS) (sum over K of x via dp4a with all-ones codes)."""
+    bn = codes[0].shape[0]
+    xw = [x_ref[pl.ds(r, 1), pl.ds(t * TILE_WORDS + p * WORDS, WORDS)] for p in range(PLANES)]   # (1, WORDS)
+    xb = [jnp.broadcast_to(v, (bn, WORDS)) for v in xw]
+    ones = [jnp.full((1, WORDS), _ONES, jnp.int32)] * PLANES
+    if interpret:
+        return _dp4a_jnp(acc, codes, xb), _dp4a_jnp(xsum, ones, xw)
+    cons = "=r" + ",r" * (1 + 2 * PLANES)
+    return (_asm(_dp4a_asm(), [acc, *codes, *xb], jnp.int32, cons),
+            _asm(_dp4a_asm(), [xsum, *ones, *xw], jnp.int32, cons))
+
+
+def _kernel(x_ref, w_ref, s_ref, *rest, m: int, steps: int, int8: bool, has_bias: bool, interpret: bool):
     rest = list(rest)
-    step_ref = rest.pop(0) if has_step else None
+    step_ref = rest.pop(0) if int8 else None
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
     bn = w_ref.shape[1]
+    acc_t = jnp.int32 if int8 else jnp.float32
 
     def body(t, carry):
         accs, xsums = list(carry[0]), list(carry[1])
         words = w_ref[t]                                          # (bn, WORDS) int32
+        codes = code_planes(words) if int8 else None
         for r in range(m):
-            xs = []
-            for b, p, _ in _CODES:                                # x[k] for k = p * SLAB + 4q + b
-                # (1, WORDS) then reshape: JAX 0.10's interpreter rejects an integer row index
-                # beside a strided slice.
-                xv = x_ref[pl.ds(r, 1), pl.ds(t * TILE_K + p * SLAB + b, WORDS, stride=4)]
-                xv = xv.reshape(WORDS).astype(jnp.float32)
-                xsums[r] = xsums[r] + xv
-                xs.append(jnp.broadcast_to(xv[None, :], (bn, WORDS)))
-            if interpret:
-                accs[r] = _word_jnp(accs[r], words, xs)
+            if int8:
+                accs[r], xsums[r] = _dp4a_tile(x_ref, r, t, codes, accs[r], xsums[r], interpret)
             else:
-                from jax.experimental.pallas import triton as pltriton
-                accs[r] = pltriton.elementwise_inline_asm(
-                    _word_asm(), args=[accs[r], words, *xs], constraints="=f,f,r" + ",f" * len(xs), pack=1,
-                    result_shape_dtypes=[jax.ShapeDtypeStruct((bn, WORDS), jnp.float32)])[0]
+                accs[r], xsums[r] = _fma_tile(x_ref, r, t, words, accs[r], xsums[r], interpret)
         return tuple(accs), tuple(xsums)
 
-    init = (tuple(jnp.zeros((bn, WORDS), jnp.float32) for _ in range(m)),
-            tuple(jnp.zeros((WORDS,), jnp.float32) for _ in range(m)))
+    init = (tuple(jnp.zeros((bn, WORDS), acc_t) for _ in range(m)),
+            tuple(jnp.zeros((1, WORDS) if int8 else (WORDS,), acc_t) for _ in range(m)))
     accs, xsums = lax.fori_loop(0, steps, body, init)
     scale = s_ref[...]
     for r in range(m):
-        y = (jnp.sum(accs[r], axis=1) - jnp.sum(xsums[r])) * scale   # codes are w + 1
-        if has_step:
-            y = y * step_ref[r]
+        y = jnp.sum(accs[r], axis=1) - jnp.sum(xsums[r])          # codes are w + 1
+        if int8:
+            y = y.astype(jnp.float32) * step_ref[r]               # exact int32 until here
+        y = y * scale
         if has_bias:
             y = y + bias_ref[...]
         o_ref[r, :] = y.astype(o_ref.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(m: int, n: int, k_tiles: int, out_dtype: str, has_step: bool, has_bias: bool, cfg: GemvConfig,
+def _build(m: int, n: int, k_tiles: int, out_dtype: str, int8: bool, has_bias: bool, cfg: GemvConfig,
            interpret: bool):
     from jax.experimental.pallas import triton as pltriton
 
     bn, splits = cfg.block_n, cfg.k_splits
     steps = k_tiles // splits
-    in_specs = [pl.BlockSpec((m, steps * TILE_K), lambda j, s: (0, s)),
+    x_block = steps * (TILE_WORDS if int8 else TILE_K)
+    in_specs = [pl.BlockSpec((m, x_block), lambda j, s: (0, s)),
                 pl.BlockSpec((steps, bn, WORDS), lambda j, s: (s, j, 0)),
                 pl.BlockSpec((bn,), lambda j, s: (j,))]
-    if has_step:
+    if int8:
         in_specs.append(pl.BlockSpec((m,), lambda j, s: (0,)))
     if has_bias:
         in_specs.append(pl.BlockSpec((bn,), lambda j, s: (j,)))
@@ -165,7 +229,7 @@ def _build(m: int, n: int, k_tiles: int, out_dtype: str, has_step: bool, has_bia
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
         out_spec = pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j))
     return pl.pallas_call(
-        functools.partial(_kernel, m=m, steps=steps, has_step=has_step, has_bias=has_bias, interpret=interpret),
+        functools.partial(_kernel, m=m, steps=steps, int8=int8, has_bias=has_bias, interpret=interpret),
         out_shape=out_shape,
         grid=(n // bn, splits),
         in_specs=in_specs,
@@ -179,24 +243,28 @@ def ternary_gemv_triton(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
                         bias: jax.Array | None, out_dtype: Any, config: GemvConfig | None = None,
                         interpret: bool = False) -> jax.Array:
     """x2d (M <= MAX_M, K) @ unpack(w_packed) with epilogue scales; the contract of
-    `mosaic_gpu.ternary_matmul_mgpu` (x2d: int8 codes with per-row `step`, bf16, or fp32, used
-    as it is: the products are fp32). scale, bias: (N,) fp32. Returns (M, N) out_dtype."""
+    `mosaic_gpu.ternary_matmul_mgpu` (x2d: int8 codes with per-row `step`, bf16, f16 or fp32, used
+    as it is: float products are fp32, int8 products exact). scale, bias: (N,) fp32. Returns
+    (M, N) out_dtype."""
     m, k = x2d.shape
     if not 1 <= m <= MAX_M:
         raise ValueError(f"gemv takes 1..{MAX_M} rows of x, got {m}")
     if x2d.dtype not in (jnp.int8, jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"gemv takes int8, bf16, f16 or fp32 activations, got {x2d.dtype}")
-    if step is not None and x2d.dtype != jnp.int8:
-        raise ValueError("step (per-token activation scale) goes with int8 activations only")
+    int8 = x2d.dtype == jnp.int8
+    if (step is not None) != int8:
+        raise ValueError("step (per-token activation scale) goes with int8 activations, and only with them")
     w3 = packed_tiles(w_packed)
     k_tiles, n, _ = w3.shape
     cfg = config or default_config(n, k_tiles)
     cfg.check(n, k_tiles)
     words = lax.bitcast_convert_type(w3.reshape(k_tiles, n, WORDS, 4), jnp.int32)   # (T, N, WORDS), free
     args = kernel_operands([x2d], m, k, m, words, scale, step)
+    if int8:                                                      # 4 codes per 32-bit word, K order
+        args[0] = lax.bitcast_convert_type(args[0].reshape(m, -1, 4), jnp.int32)
     use_bias = bias is not None and cfg.k_splits == 1
     if use_bias:
         args.append(bias.astype(jnp.float32))
-    call = _build(m, n, k_tiles, str(jnp.dtype(out_dtype)), step is not None, use_bias, cfg, interpret)
+    call = _build(m, n, k_tiles, str(jnp.dtype(out_dtype)), int8, use_bias, cfg, interpret)
     out = call(*args)
     return sum_split_k(out, bias, out_dtype) if cfg.k_splits > 1 else out

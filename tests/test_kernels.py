@@ -190,9 +190,10 @@ def test_gemv_config_errors():
 
 
 def _emulate_ptx(asm, operands):
-    """Run the GEMV's inline PTX in numpy, elementwise: the instructions it uses and nothing else."""
+    """Run the GEMV's inline PTX in numpy, elementwise on 32-bit registers: the instructions it
+    uses and nothing else. Returns the registers after the block (uint32)."""
     import struct
-    regs = {f"${i}": np.asarray(v, np.uint32) for i, v in enumerate(operands)}
+    regs = {f"${i}": np.asarray(v).view(np.uint32) for i, v in enumerate(operands)}
     f32 = lambda u: np.asarray(u, np.uint32).view(np.float32)
 
     def get(tok):
@@ -201,6 +202,10 @@ def _emulate_ptx(asm, operands):
         if tok.startswith("0f"):
             return np.asarray(struct.unpack(">I", bytes.fromhex(tok[2:]))[0], np.uint32)
         return np.asarray(int(tok, 0), np.uint32)
+
+    def byte(v, b, signed):
+        u = ((v >> np.uint32(8 * b)) & np.uint32(255)).astype(np.int64)
+        return u - 256 * (u >= 128) if signed else u
 
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
@@ -218,27 +223,49 @@ def _emulate_ptx(asm, operands):
             r = (src[0] & src[1]) | src[2]
         elif op == "fma.rn.f32":   # a * b is exact in float64; one rounding to fp32 (ties aside)
             r = (f32(src[0]).astype(np.float64) * f32(src[1]) + f32(src[2])).astype(np.float32).view(np.uint32)
+        elif op == "dp4a.u32.s32":   # c + sum of 4 (unsigned byte * signed byte), mod 2^32
+            dot = sum(byte(src[0], b, False) * byte(src[1], b, True) for b in range(4))
+            r = ((src[2].astype(np.int64) + dot) % (1 << 32)).astype(np.uint32)
         else:
             raise AssertionError(f"unexpected PTX instruction: {line}")
         regs[args[0]] = np.asarray(r, np.uint32)
-    return f32(regs["$0"])
+    return regs
 
 
-def test_gemv_inline_ptx_computes_the_word_dot_product():
-    """The GPU path's PTX block: acc + sum over the word's 16 codes c * x, where the code of byte b,
-    plane p sits at bits 8b + 2p (layout.py) and meets x_i, i = 4 * b + p (gemv._CODES order)."""
+def _random_words(rng):
+    codes = rng.integers(0, 3, (64, 4, 4)).astype(np.uint32)             # (element, byte b, plane p)
+    return codes, sum(codes[:, b, p] << np.uint32(8 * b + 2 * p) for b in range(4) for p in range(4))
+
+
+def test_gemv_fma_ptx_computes_the_word_dot_product():
+    """The float path's PTX block: acc + sum over the word's 16 codes c * x, where the code of
+    byte b, plane p sits at bits 8b + 2p (layout.py) and meets x_i, i = 4 * b + p (gemv._CODES)."""
     from pallas_kernels import gemv
     rng = np.random.default_rng(5)
-    codes = rng.integers(0, 3, (64, 4, 4)).astype(np.uint32)             # (element, byte b, plane p)
-    words = sum(codes[:, b, p] << np.uint32(8 * b + 2 * p) for b in range(4) for p in range(4))
+    codes, words = _random_words(rng)
     xs = rng.standard_normal((16, 64)).astype(np.float32)
     acc = rng.standard_normal(64).astype(np.float32)
-    got = _emulate_ptx(gemv._word_asm(), [np.zeros(64, np.uint32), acc.view(np.uint32), words,
-                                          *(x.view(np.uint32) for x in xs)])
+    got = _emulate_ptx(gemv._fma_asm(), [np.zeros(64, np.uint32), acc, words, *xs])["$0"].view(np.float32)
     assert [(b, p) for b, p, _ in gemv._CODES] == [(b, p) for b in range(4) for p in range(4)]
     want = acc.astype(np.float64) + sum(codes[:, b, p] * xs[4 * b + p].astype(np.float64)
                                         for b in range(4) for p in range(4))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_dp4a_ptx_computes_the_word_dot_product():
+    """The int8 path: `code_planes` puts plane p's codes of bytes b = 0..3 (bits 8b + 2p) in byte
+    b, and the PTX block adds sum over the 16 codes c times byte b of x's word for plane p (signed)
+    to an int32 accumulator."""
+    from pallas_kernels import gemv
+    rng = np.random.default_rng(6)
+    codes, words = _random_words(rng)
+    xb = rng.integers(-128, 128, (4, 64, 4)).astype(np.int8)             # (plane, element, byte)
+    xw = xb.view(np.uint32).reshape(4, 64)                               # little-endian bytes
+    acc = rng.integers(-2 ** 20, 2 ** 20, 64).astype(np.int32)
+    planes = [np.asarray(c) for c in gemv.code_planes(jnp.asarray(words.view(np.int32)))]
+    got = _emulate_ptx(gemv._dp4a_asm(), [np.zeros(64, np.uint32), acc, *planes, *xw])["$0"].view(np.int32)
+    want = acc + sum(codes[:, b, p].astype(np.int64) * xb[p, :, b] for b in range(4) for p in range(4))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_gemv_lowers_for_cuda():
@@ -254,12 +281,13 @@ def test_gemv_lowers_for_cuda():
         assert "triton" in txt
 
 
-def test_auto_dispatch_takes_the_gemv_for_one_token_on_hopper(monkeypatch):
+def test_auto_dispatch_takes_the_gemv_for_few_tokens_on_hopper(monkeypatch):
     monkeypatch.setattr(pk, "_auto", lambda: ("mosaic_gpu", "Hopper"))
     monkeypatch.setattr(pk, "_triton_available", lambda: True)
     assert pk._resolve("auto", 3072, False, 1, "native") == "triton"
     assert pk._resolve("auto", 3072, False, 2, "native") == "mosaic_gpu"
-    assert pk._resolve("auto", 3072, False, 1, "int8") == "mosaic_gpu"
+    assert pk._resolve("auto", 3072, False, 4, "int8") == "triton"         # the GEMV's dp4a path
+    assert pk._resolve("auto", 3072, False, 5, "int8") == "mosaic_gpu"
     assert pk._resolve("mosaic_gpu", 3072, False, 1, "native") == "mosaic_gpu"
     monkeypatch.setattr(pk, "_triton_available", lambda: False)
     assert pk._resolve("auto", 3072, False, 1, "native") == "mosaic_gpu"
@@ -494,6 +522,7 @@ def test_gpu_auto_backend():
     want = "mosaic_gpu" if "mosaic_gpu" in _gpu_backends() else "triton"
     assert pk.choose_backend("auto") == want
     assert pk._resolve("auto", 3072, False, 1, "native") == "triton"   # the GEMV, on Hopper too
+    assert pk._resolve("auto", 3072, False, 4, "int8") == "triton"
 
 
 @pytest.mark.gpu
