@@ -533,7 +533,10 @@ def test_gpu_gemv():
             _check_gemv(m, 600, 256, dtype, None, seed=m, interpret=False)
             _check_gemv(m, 1024, 512, dtype, GemvConfig(block_n=32, k_splits=2, num_warps=2), seed=m + 1,
                         bias=False, interpret=False)
+            _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1), seed=m + 2,   # bias in-kernel
+                        interpret=False)
     for k, n in FLUX_SHAPES:
         _check_gemv(1, k, n, jnp.bfloat16, None, seed=k + n, interpret=False)
+        _check_gemv(4, k, n, jnp.int8, None, seed=k + n + 2, interpret=False)   # auto's W1.58A8 range
     for k, n in REFMODEL_SHAPES:
         _check_gemv(1, k, n, jnp.bfloat16, None, seed=k + n + 1, interpret=False)
