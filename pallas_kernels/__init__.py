@@ -110,7 +110,7 @@ def _resolve(backend: str, n: int, interpret: bool, m: int, activations: str) ->
     if backend == "auto" and interpret:
         name = "triton" if _triton_available() else "xla"
     if (backend == "auto" and name == "mosaic_gpu" and m <= GEMV_M[activations] and _triton_available()
-            and gemv.supports(m, n)):
+            and gemv.supports(m, n, jnp.int8 if activations == "int8" else jnp.bfloat16)):
         name = "triton"
     if name == "mosaic_gpu" and not mosaic_gpu.supports(n):
         if backend != "auto":

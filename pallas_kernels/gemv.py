@@ -1,19 +1,26 @@
-"""Pallas Triton kernel for the packed ternary matmul at tiny M (a few tokens): CUDA cores, no MMA.
+"""Pallas Triton kernel for the packed ternary matmul at tiny M (a few tokens).
 
 At M = 1 the product is a matrix-vector product: it reads every weight byte once and does 2 flops
 per weight, so it is bound by how fast the weights stream and by the instructions spent per
-weight, not by tensor cores. One program owns `block_n` output features and a range of K-tiles;
-per K-tile it loads the (block_n, 64-byte) packed slab (contiguous in the layout, layout.py) as
-32-bit words. The codes are the offset codes c = w + 1, so the kernel computes sum_k x_k c_k and
-subtracts sum_k x_k once. Two inner products, by activation type:
+weight. One program owns `block_n` output features and a range of K-tiles; per K-tile it loads
+the (block_n, 64-byte) packed slab (contiguous in the layout, layout.py) as 32-bit words (int16
+halves for "mma"). Three inner products, by activation type and `GemvConfig.float_inner`:
 
-- bf16 / f16 / fp32 x (weight-only): per word one inline-PTX block turns each 2-bit code into the
-  fp32 number c and multiply-adds c * x into an fp32 accumulator: 3 instructions per weight.
-  Products are exact and sums fp32, as in the reference.
-- int8 x (W1.58A8 codes with a per-token step): `(word >> 2p) & 0x03030303` is the 4 codes of K
-  positions 4q .. 4q + 3 of plane p (unsigned bytes), which meet 4 consecutive int8 codes of x,
-  one 32-bit word of x: one dp4a (byte dot product) per 4 weights, about 0.7 instructions per
-  weight, summed exactly in int32 across K; the steps are applied once at the end.
+- bf16 / f16 / fp32 x, "fma" (the default for float x): per word one inline-PTX block turns
+  each 2-bit code into the fp32 number c = w + 1 and multiply-adds c * x into an fp32
+  accumulator (3 instructions per weight); sum_k x_k is subtracted once. Products are exact and
+  sums fp32, as in the reference. Up to 4 tokens.
+- bf16 / f16 / fp32 x, "mma" (opt-in; NOTES.md item 19): per pair of codes one inline-PTX block
+  (shift, LOP3 with the bf16 exponent of 128, one bf16x2 FMA: 1.5 instructions per weight)
+  makes two bf16 weights w = c - 1, and the tensor cores multiply them (`pl.dot`) with x padded
+  to 16 token rows (at M = 1 one row, the rest masked to zero in the kernel). Within a K-tile w
+  and x take the same permutation of K (`_PAIRS`). Float x other than bf16 goes in as three
+  bf16 parts (24 bits: exact), so products are exact and sums fp32. Up to 16 tokens.
+- int8 x (W1.58A8 codes with a per-token step), "dp4a": `(word >> 2p) & 0x03030303` is the 4
+  codes of K positions 4q .. 4q + 3 of plane p (unsigned bytes), which meet 4 consecutive int8
+  codes of x, one 32-bit word of x: one dp4a (byte dot product) per 4 weights, about 0.7
+  instructions per weight, summed exactly in int32 across K; the steps are applied once at the
+  end. Up to 4 tokens.
 
 Split-K (`k_splits` programs along K; by default one K-tile each) gives every shape enough
 programs to keep all SMs loading; XLA then sums the fp32 partials (scales applied in the kernel,
@@ -33,18 +40,23 @@ from jax.experimental import pallas as pl
 
 from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles, sum_split_k
 
-# Tokens per call. The work per weight grows with M; dispatch decides up to which M this kernel
-# runs (GEMV_M in __init__.py).
-MAX_M = 4
+# Tokens per call, by inner product: the CUDA-core paths hold one accumulator per token, the mma
+# path pads x to MMA_ROWS token rows. Dispatch decides up to which M this kernel runs (GEMV_M in
+# __init__.py).
+MMA_ROWS = 16
+MAX_M = {"mma": MMA_ROWS, "fma": 4, "dp4a": 4}
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """block_n: output features per program (a power of 2 >= 16); k_splits: programs along K
-    (must divide the K-tiles); num_warps: warps per program."""
+    (must divide the K-tiles); num_warps: warps per program; num_stages: Triton's software
+    pipelining of the K-tile loop; float_inner: "mma" or "fma" for float x."""
     block_n: int = 128
     k_splits: int = 1
     num_warps: int = 4
+    num_stages: int = 1
+    float_inner: str = "fma"
 
     def check(self, n: int, k_tiles: int) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -55,9 +67,14 @@ class GemvConfig:
             raise ValueError(f"k_splits={self.k_splits} must divide the {k_tiles} K-tiles")
 
 
-def supports(m: int, n: int) -> bool:
-    """Whether this kernel takes an (m, n) problem."""
-    return 1 <= m <= MAX_M and n % 16 == 0
+def inner_product(dtype: Any, cfg: "GemvConfig | None" = None) -> str:
+    """The inner product that runs x of this dtype: "dp4a" for int8, else the config's float path."""
+    return "dp4a" if jnp.dtype(dtype) == jnp.int8 else (cfg or GemvConfig()).float_inner
+
+
+def supports(m: int, n: int, dtype: Any) -> bool:
+    """Whether this kernel takes m rows of x of this dtype against N outputs (default config)."""
+    return 1 <= m <= MAX_M[inner_product(dtype)] and n % 16 == 0
 
 
 def default_config(n: int, k_tiles: int) -> GemvConfig:
@@ -138,6 +155,64 @@ def _dp4a_jnp(acc, codes, xw):
     return acc
 
 
+# bf16 x (mma path): the word view is int16 halves, so Triton's pack=2 hands one inline-PTX block
+# a whole 32-bit word (halves 2q, 2q + 1) and takes back two bf16 (elements 2q, 2q + 1). Block
+# (p, h) (plane p, byte h of each half) takes the codes at bit 8h + 2p of both halves: element
+# i = 2q + e is byte 4q + h + 2e of the tile row, K position p * SLAB + h + 2i: a stride-2 run of
+# x. A masked code OR-ed into the exponent of 128 is the bf16 number 128 + c; one bf16x2 FMA
+# turns it into c - 1 = w exactly.
+HALVES = SLAB // 2          # int16 per packed row of a K-tile
+_PAIR_MASK, _BF16_128, _BF16_ONE, _BF16_M129 = 0x00030003, 0x43004300, 0x3F803F80, 0xC301C301
+_PAIRS = [(p, h) for p in range(PLANES) for h in range(2)]
+
+
+@functools.cache
+def _pair_asm(shift: int) -> str:
+    """PTX: word $1 -> bf16 pair $0 = (w of byte h, w of byte h + 2), shift = 8h + 2p."""
+    return "\n".join(["{", ".reg .b32 t, m, g, one, off;", f"shr.u32 t, $1, {shift};",
+                      f"mov.b32 m, {_PAIR_MASK};", f"mov.b32 g, {_BF16_128};",
+                      "lop3.b32 t, t, m, g, 0xEA;",                              # (t & m) | g
+                      f"mov.b32 one, {_BF16_ONE};", f"mov.b32 off, {_BF16_M129};",
+                      "fma.rn.bf16x2 $0, t, one, off;", "}"])
+
+
+def _pair_weights(halves, p: int, h: int, interpret: bool):
+    """(bn, HALVES) int16 -> (bn, HALVES) bf16 weights of block (p, h)."""
+    shift = 8 * h + 2 * p
+    if interpret:
+        v = halves.astype(jnp.int32) & 0xFFFF
+        return ((lax.shift_right_logical(v, jnp.int32(shift)) & 3) - 1).astype(jnp.bfloat16)
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.elementwise_inline_asm(_pair_asm(shift), args=[halves], constraints="=r,r", pack=2,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(halves.shape, jnp.bfloat16)])[0]
+
+
+def _bf16_parts(xv):
+    """x as a sum of bf16 parts: itself if bf16; fp32 as hi + mid + lo (exact: 3 x 8 bits)."""
+    if xv.dtype == jnp.bfloat16:
+        return [xv]
+    parts, rest = [], xv
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(jnp.float32)
+    return parts
+
+
+def _mma_tile(x_ref, t, halves, acc, mp: int, interpret: bool):
+    """One K-tile, all tokens: acc (bn, MMA_ROWS) fp32 += w_tile^T x_tile^T through the tensor
+    cores; x rows beyond mp (1 at M = 1) are zero."""
+    row = lax.broadcasted_iota(jnp.int32, (MMA_ROWS, HALVES), 0)
+    for p, h in _PAIRS:
+        wt = _pair_weights(halves, p, h, interpret)
+        xv = x_ref[pl.ds(0, mp), pl.ds(t * TILE_K + p * SLAB + h, HALVES, stride=2)]
+        for part in _bf16_parts(xv):
+            if mp < MMA_ROWS:
+                part = jnp.where(row < mp, jnp.broadcast_to(part, (MMA_ROWS, HALVES)), jnp.zeros((), jnp.bfloat16))
+            acc = acc + pl.dot(wt, part, trans_b=True)
+    return acc
+
+
 def _asm(text: str, args: list, out_dtype, constraints: str):
     from jax.experimental.pallas import triton as pltriton
     return pltriton.elementwise_inline_asm(text, args=args, constraints=constraints, pack=1,
@@ -174,12 +249,32 @@ def _dp4a_tile(x_ref, r, t, codes, acc, xsum, interpret):
             _asm(_dp4a_asm(), [xsum, *ones, *xw], jnp.int32, cons))
 
 
-def _kernel(x_ref, w_ref, s_ref, *rest, m: int, steps: int, int8: bool, has_bias: bool, interpret: bool):
+def _kernel(x_ref, w_ref, s_ref, *rest, m: int, mp: int, steps: int, inner: str, has_bias: bool,
+            interpret: bool):
     rest = list(rest)
+    int8 = inner == "dp4a"
     step_ref = rest.pop(0) if int8 else None
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
     bn = w_ref.shape[1]
+    scale = s_ref[...]
+
+    def finish(r, y):
+        if int8:
+            y = y.astype(jnp.float32) * step_ref[r]               # exact int32 until here
+        y = y * scale
+        if has_bias:
+            y = y + bias_ref[...]
+        o_ref[r, :] = y.astype(o_ref.dtype)
+
+    if inner == "mma":
+        acc = lax.fori_loop(0, steps, lambda t, a: _mma_tile(x_ref, t, w_ref[t], a, mp, interpret),
+                            jnp.zeros((bn, MMA_ROWS), jnp.float32))
+        col = lax.broadcasted_iota(jnp.int32, (bn, MMA_ROWS), 1)
+        for r in range(m):
+            finish(r, jnp.sum(jnp.where(col == r, acc, 0.0), axis=1))
+        return
+
     acc_t = jnp.int32 if int8 else jnp.float32
 
     def body(t, carry):
@@ -196,30 +291,24 @@ def _kernel(x_ref, w_ref, s_ref, *rest, m: int, steps: int, int8: bool, has_bias
     init = (tuple(jnp.zeros((bn, WORDS), acc_t) for _ in range(m)),
             tuple(jnp.zeros((1, WORDS) if int8 else (WORDS,), acc_t) for _ in range(m)))
     accs, xsums = lax.fori_loop(0, steps, body, init)
-    scale = s_ref[...]
     for r in range(m):
-        y = jnp.sum(accs[r], axis=1) - jnp.sum(xsums[r])          # codes are w + 1
-        if int8:
-            y = y.astype(jnp.float32) * step_ref[r]               # exact int32 until here
-        y = y * scale
-        if has_bias:
-            y = y + bias_ref[...]
-        o_ref[r, :] = y.astype(o_ref.dtype)
+        finish(r, jnp.sum(accs[r], axis=1) - jnp.sum(xsums[r]))  # codes are w + 1
 
 
 @functools.lru_cache(maxsize=None)
-def _build(m: int, n: int, k_tiles: int, out_dtype: str, int8: bool, has_bias: bool, cfg: GemvConfig,
+def _build(m: int, mp: int, n: int, k_tiles: int, out_dtype: str, inner: str, has_bias: bool, cfg: GemvConfig,
            interpret: bool):
     from jax.experimental.pallas import triton as pltriton
 
     bn, splits = cfg.block_n, cfg.k_splits
     steps = k_tiles // splits
-    x_block = steps * (TILE_WORDS if int8 else TILE_K)
-    in_specs = [pl.BlockSpec((m, x_block), lambda j, s: (0, s)),
-                pl.BlockSpec((steps, bn, WORDS), lambda j, s: (s, j, 0)),
+    row_len = HALVES if inner == "mma" else WORDS
+    x_block = steps * (TILE_WORDS if inner == "dp4a" else TILE_K)
+    in_specs = [pl.BlockSpec((mp, x_block), lambda j, s: (0, s)),
+                pl.BlockSpec((steps, bn, row_len), lambda j, s: (s, j, 0)),
                 pl.BlockSpec((bn,), lambda j, s: (j,))]
-    if int8:
-        in_specs.append(pl.BlockSpec((m,), lambda j, s: (0,)))
+    if inner == "dp4a":
+        in_specs.append(pl.BlockSpec((mp,), lambda j, s: (0,)))
     if has_bias:
         in_specs.append(pl.BlockSpec((bn,), lambda j, s: (j,)))
     if splits == 1:
@@ -229,12 +318,12 @@ def _build(m: int, n: int, k_tiles: int, out_dtype: str, int8: bool, has_bias: b
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
         out_spec = pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j))
     return pl.pallas_call(
-        functools.partial(_kernel, m=m, steps=steps, int8=int8, has_bias=has_bias, interpret=interpret),
+        functools.partial(_kernel, m=m, mp=mp, steps=steps, inner=inner, has_bias=has_bias, interpret=interpret),
         out_shape=out_shape,
         grid=(n // bn, splits),
         in_specs=in_specs,
         out_specs=out_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
     )
 
@@ -242,13 +331,11 @@ def _build(m: int, n: int, k_tiles: int, out_dtype: str, int8: bool, has_bias: b
 def ternary_gemv_triton(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *, step: jax.Array | None,
                         bias: jax.Array | None, out_dtype: Any, config: GemvConfig | None = None,
                         interpret: bool = False) -> jax.Array:
-    """x2d (M <= MAX_M, K) @ unpack(w_packed) with epilogue scales; the contract of
-    `mosaic_gpu.ternary_matmul_mgpu` (x2d: int8 codes with per-row `step`, bf16, f16 or fp32, used
-    as it is: float products are fp32, int8 products exact). scale, bias: (N,) fp32. Returns
-    (M, N) out_dtype."""
+    """x2d (M, K) @ unpack(w_packed) with epilogue scales, M <= MAX_M of its inner product; the
+    contract of `mosaic_gpu.ternary_matmul_mgpu` (x2d: int8 codes with per-row `step`, bf16, f16 or
+    fp32, used as it is: float products are exact, int8 products exact). scale, bias: (N,) fp32.
+    Returns (M, N) out_dtype."""
     m, k = x2d.shape
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"gemv takes 1..{MAX_M} rows of x, got {m}")
     if x2d.dtype not in (jnp.int8, jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"gemv takes int8, bf16, f16 or fp32 activations, got {x2d.dtype}")
     int8 = x2d.dtype == jnp.int8
@@ -258,13 +345,23 @@ def ternary_gemv_triton(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     k_tiles, n, _ = w3.shape
     cfg = config or default_config(n, k_tiles)
     cfg.check(n, k_tiles)
-    words = lax.bitcast_convert_type(w3.reshape(k_tiles, n, WORDS, 4), jnp.int32)   # (T, N, WORDS), free
-    args = kernel_operands([x2d], m, k, m, words, scale, step)
+    inner = inner_product(x2d.dtype, cfg)
+    if not 1 <= m <= MAX_M[inner]:
+        raise ValueError(f"gemv ({inner}) takes 1..{MAX_M[inner]} rows of x, got {m}")
+    if inner == "mma":
+        if x2d.dtype == jnp.float16:
+            x2d = x2d.astype(jnp.float32)                          # split into bf16 parts in the kernel
+        mp = 1 if m == 1 else MMA_ROWS
+        w_view = lax.bitcast_convert_type(w3.reshape(k_tiles, n, HALVES, 2), jnp.int16)   # free
+    else:
+        mp = m
+        w_view = lax.bitcast_convert_type(w3.reshape(k_tiles, n, WORDS, 4), jnp.int32)    # free
+    args = kernel_operands([x2d], m, k, mp, w_view, scale, step)
     if int8:                                                      # 4 codes per 32-bit word, K order
         args[0] = lax.bitcast_convert_type(args[0].reshape(m, -1, 4), jnp.int32)
     use_bias = bias is not None and cfg.k_splits == 1
     if use_bias:
         args.append(bias.astype(jnp.float32))
-    call = _build(m, n, k_tiles, str(jnp.dtype(out_dtype)), int8, use_bias, cfg, interpret)
+    call = _build(m, mp, n, k_tiles, str(jnp.dtype(out_dtype)), inner, use_bias, cfg, interpret)
     out = call(*args)
     return sum_split_k(out, bias, out_dtype) if cfg.k_splits > 1 else out

@@ -167,6 +167,16 @@ def test_gemv_interpret(m, dtype):
     _check_gemv(m, 600, 96, dtype, None, seed=m)        # K % TILE_K != 0, block_n 32, split K: XLA adds bias
     _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1, num_warps=2), seed=m + 1)   # bias in-kernel
     _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1), seed=m + 2, bias=False)
+    if dtype != jnp.int8:                                # the tensor-core float path
+        _check_gemv(m, 600, 96, dtype, GemvConfig(block_n=32, k_splits=3, float_inner="mma"), seed=m + 3)
+
+
+@pytest.mark.parametrize("m", [7, 16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gemv_mma_interpret_up_to_16_tokens(m, dtype):
+    from pallas_kernels.gemv import GemvConfig
+    _check_gemv(m, 600, 96, dtype, GemvConfig(block_n=32, k_splits=3, float_inner="mma"), seed=m)
+    _check_gemv(m, 768, 128, dtype, GemvConfig(block_n=64, k_splits=1, num_stages=2, float_inner="mma"), seed=m + 1)
 
 
 def test_gemv_interpret_flux_shape():
@@ -184,9 +194,15 @@ def test_gemv_config_errors():
         with pytest.raises(ValueError, match=msg):
             ternary_gemv_triton(x, wp, scale, step=None, bias=None, out_dtype=jnp.float32, config=cfg,
                                 interpret=True)
-    x5, *_ = problem(5, 512, 96)
-    with pytest.raises(ValueError, match="1..4 rows"):
-        ternary_gemv_triton(x5, wp, scale, step=None, bias=None, out_dtype=jnp.float32, interpret=True)
+    x17, *_ = problem(17, 512, 96)
+    with pytest.raises(ValueError, match=r"\(mma\) takes 1\.\.16 rows"):
+        ternary_gemv_triton(x17, wp, scale, step=None, bias=None, out_dtype=jnp.float32,
+                            config=GemvConfig(block_n=32, float_inner="mma"), interpret=True)
+    with pytest.raises(ValueError, match=r"\(fma\) takes 1\.\.4 rows"):
+        ternary_gemv_triton(x17[:5], wp, scale, step=None, bias=None, out_dtype=jnp.float32, interpret=True)
+    codes, step = pk.quantize_activations(x17[:5])
+    with pytest.raises(ValueError, match=r"\(dp4a\) takes 1\.\.4 rows"):
+        ternary_gemv_triton(codes, wp, scale, step=step, bias=None, out_dtype=jnp.float32, interpret=True)
 
 
 def _emulate_ptx(asm, operands):
@@ -223,6 +239,12 @@ def _emulate_ptx(asm, operands):
             r = (src[0] & src[1]) | src[2]
         elif op == "fma.rn.f32":   # a * b is exact in float64; one rounding to fp32 (ties aside)
             r = (f32(src[0]).astype(np.float64) * f32(src[1]) + f32(src[2])).astype(np.float32).view(np.uint32)
+        elif op == "fma.rn.bf16x2":   # per 16-bit half; the results here are exact small integers
+            half = lambda u, i: ((u >> np.uint32(16 * i)) << np.uint32(16)).astype(np.uint32).view(np.float32)
+            out = [(half(src[0], i).astype(np.float64) * half(src[1], i) + half(src[2], i)).astype(np.float32)
+                   for i in range(2)]
+            assert all(not (o.view(np.uint32) & np.uint32(0xFFFF)).any() for o in out)   # exact in bf16
+            r = (out[0].view(np.uint32) >> np.uint32(16)) | (out[1].view(np.uint32) >> np.uint32(16) << np.uint32(16))
         elif op == "dp4a.u32.s32":   # c + sum of 4 (unsigned byte * signed byte), mod 2^32
             dot = sum(byte(src[0], b, False) * byte(src[1], b, True) for b in range(4))
             r = ((src[2].astype(np.int64) + dot) % (1 << 32)).astype(np.uint32)
@@ -266,6 +288,24 @@ def test_gemv_dp4a_ptx_computes_the_word_dot_product():
     got = _emulate_ptx(gemv._dp4a_asm(), [np.zeros(64, np.uint32), acc, *planes, *xw])["$0"].view(np.int32)
     want = acc + sum(codes[:, b, p].astype(np.int64) * xb[p, :, b] for b in range(4) for p in range(4))
     np.testing.assert_array_equal(got, want)
+
+
+def test_gemv_mma_pair_ptx_unpacks_two_weights():
+    """The mma path's PTX block for (plane p, byte h): the word's codes at bits 8h + 2p and
+    16 + 8h + 2p become the bf16 pair (w of byte h, w of byte h + 2), w = c - 1 (low half first);
+    the interpret-mode twin gives the same weights from the int16 view (elements 2q, 2q + 1)."""
+    from pallas_kernels import gemv
+    rng = np.random.default_rng(7)
+    codes, words = _random_words(rng)
+    halves = jnp.asarray(words.view(np.int16).reshape(64, 2))
+    bf16 = lambda u: (np.asarray(u, np.uint32) << np.uint32(16)).view(np.float32)
+    for p, h in gemv._PAIRS:
+        got = _emulate_ptx(gemv._pair_asm(8 * h + 2 * p), [np.zeros(64, np.uint32), words])["$0"]
+        want = [codes[:, h, p].astype(np.float32) - 1, codes[:, h + 2, p].astype(np.float32) - 1]
+        np.testing.assert_array_equal(bf16(got & np.uint32(0xFFFF)), want[0])
+        np.testing.assert_array_equal(bf16(got >> np.uint32(16)), want[1])
+        twin = np.asarray(gemv._pair_weights(halves, p, h, interpret=True).astype(jnp.float32))
+        np.testing.assert_array_equal(twin, np.stack(want, axis=1))
 
 
 def test_gemv_lowers_for_cuda():
@@ -535,6 +575,13 @@ def test_gpu_gemv():
                         bias=False, interpret=False)
             _check_gemv(m, 768, 256, dtype, GemvConfig(block_n=64, k_splits=1), seed=m + 2,   # bias in-kernel
                         interpret=False)
+            if dtype != jnp.int8:
+                _check_gemv(m, 600, 256, dtype, GemvConfig(block_n=64, k_splits=3, float_inner="mma"), seed=m + 3,
+                            interpret=False)
+    for m in (1, 7, 16):                                # the mma path's token range
+        _check_gemv(m, 3072, 9216, jnp.bfloat16, GemvConfig(k_splits=12, float_inner="mma"), seed=m, interpret=False)
+        _check_gemv(m, 768, 256, jnp.float32, GemvConfig(block_n=64, k_splits=1, num_stages=2, float_inner="mma"),
+                    seed=m + 1, interpret=False)
     for k, n in FLUX_SHAPES:
         _check_gemv(1, k, n, jnp.bfloat16, None, seed=k + n, interpret=False)
         _check_gemv(4, k, n, jnp.int8, None, seed=k + n + 2, interpret=False)   # auto's W1.58A8 range
