@@ -12,7 +12,7 @@ halves for "mma"). Three inner products, by activation type and `GemvConfig.floa
   sums fp32, as in the reference. Up to 4 tokens.
 - bf16 / f16 / fp32 x, "mma" (opt-in; NOTES.md item 19): per pair of codes one inline-PTX block
   (shift, LOP3 with the bf16 exponent of 128, one bf16x2 FMA: 1.5 instructions per weight)
-  makes two bf16 weights w = c - 1, and the tensor cores multiply them (`pl.dot`) with x padded
+  makes two bf16 weights w = c - 1, and the tensor cores multiply them (`dot_general`) with x padded
   to 16 token rows (at M = 1 one row, the rest masked to zero in the kernel). Within a K-tile w
   and x take the same permutation of K (`_PAIRS`). Float x other than bf16 goes in as three
   bf16 parts (24 bits: exact), so products are exact and sums fp32. Up to 16 tokens.
@@ -209,7 +209,7 @@ def _mma_tile(x_ref, t, halves, acc, mp: int, interpret: bool):
         for part in _bf16_parts(xv):
             if mp < MMA_ROWS:
                 part = jnp.where(row < mp, jnp.broadcast_to(part, (MMA_ROWS, HALVES)), jnp.zeros((), jnp.bfloat16))
-            acc = acc + pl.dot(wt, part, trans_b=True)
+            acc = acc + lax.dot_general(wt, part, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return acc
 
 
