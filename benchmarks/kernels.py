@@ -255,7 +255,14 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
         args = [(d["x"], None, d["wp"], d["scale"]) for d in ins]
     c = mg.MgpuConfig
     if m <= 64:
-        grid = [c(tile_n=64, tile_m=max(16, -(-m // 16) * 16), stages=4, k_splits=ks) for ks in (1, 2, 4, 6)]
+        # Split-K factors (CTAs per output tile: how many SMs stream the weights, and how evenly
+        # the last round of the persistent grid fills), and chained pipelines across a CTA's
+        # items (the next item's loads start during this one's epilogue).
+        tm = max(16, -(-m // 16) * 16)
+        grid = [mg.fit_pipeline(c(tile_n=64, tile_m=tm, stages=8, k_splits=ks), t_w)
+                for ks in range(1, 13) if t_w % ks == 0]
+        grid += [c(tile_n=64, tile_m=tm, stages=4, k_splits=ks, k_steps=4, overlap=False, chain=True)
+                 for ks in (3, 6, 12)]
     elif m <= 512:
         grid = [c(tile_n=tn, tile_m=tm, stages=st, k_splits=ks, epi_m=32)
                 for tn, tm, st in ((64, 64, 4), (128, 64, 4), (64, 128, 2 if dtype == "bf16" else 4))
@@ -301,7 +308,7 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
             continue
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
               f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster} "
-              f"chain={int(cfg.chain)}: "
+              f"kst={cfg.k_steps} chain={int(cfg.chain)}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x", flush=True)
 
 

@@ -127,19 +127,17 @@ def unpack_ternary_np(packed: np.ndarray, k: int | None = None) -> np.ndarray:
     return w if k is None else w[:k]
 
 
-def kernel_operands(parts, m: int, k: int, mp: int, w3, scale, step=None) -> list:
-    """The operands both Pallas kernels take: the activation parts (each (m, k_i)) zero-padded to
+def kernel_operands(parts, m: int, k: int, mp: int, w3, scale, step=None, step_rows: int | None = None) -> list:
+    """The operands the Pallas kernels take: the activation parts (each (m, k_i)) zero-padded to
     `mp` rows and whole K tiles and joined along K, the tiled weights, the fp32 scale, and (for
-    W1.58A8) the per-row activation step padded to `mp` rows. w3 is passed through; only its
-    first axis (K-tiles) is read."""
-    import jax.numpy as jnp
-
+    W1.58A8) the per-row activation step padded to `step_rows` rows (default `mp`). w3 is passed
+    through; only its first axis (K-tiles) is read."""
     kp = w3.shape[0] * TILE_K
     xs = (jnp.concatenate([jnp.pad(xp, ((0, mp - m), (0, kp - k))) for xp in parts], axis=1)
           if (mp, kp) != (m, k) or len(parts) > 1 else parts[0])
     args = [xs, w3, scale.astype(jnp.float32)]
     if step is not None:
-        args.append(jnp.pad(step.astype(jnp.float32), (0, mp - m)))
+        args.append(jnp.pad(step.astype(jnp.float32), (0, (step_rows or mp) - m)))
     return args
 
 

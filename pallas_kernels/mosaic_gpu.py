@@ -162,21 +162,31 @@ def _plane_bf16(packed, p: int):
 # --- the kernel --------------------------------------------------------------------------------
 
 
+def x_rows(m: int) -> int:
+    """Rows x (and a non-split output) must have for the kernel, which itself runs whole tiles
+    of tile_m tokens: TMA zero-fills the rows a load reads past the end and drops the rows a
+    store writes past it, so x needs no copy padded to whole tiles. But Mosaic views a tiled
+    array's rows in groups of 8 (a dimension smaller than its tile, or a multiple of it), so
+    m > 8 is rounded up to a multiple of 8."""
+    return m if m <= 8 else -(-m // 8) * 8
+
+
 @functools.lru_cache(maxsize=None)
-def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, has_step: bool,
+def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, has_step: bool,
            has_bias: bool, cfg: MgpuConfig, num_sms: int):
     """A jitted callable (x, w3, scale[, step][, bias]) -> out for these static parameters.
 
-    x (mp, t_x*TILE_K) x_dtype; w3 (t_w, n, SLAB) int8 with t_x a multiple of t_w (the bf16 hi/lo
-    split of fp32 inputs repeats the weights); scale (n,) f32; step (mp,) f32; bias (n,) f32.
-    Returns (mp, n) out_dtype, or (k_splits * mp, n) f32 partial sums (scaled, no bias) when
+    x (mx, t_x*TILE_K) x_dtype, mx = x_rows(M) <= mp, mp = M rounded up to whole tiles; w3
+    (t_w, n, SLAB) int8 with t_x a multiple of t_w (the bf16 hi/lo split of fp32 inputs repeats
+    the weights); scale (n,) f32; step (mp,) f32; bias (n,) f32. Returns (mx, n) out_dtype, or
+    (k_splits * mp, n) f32 partial sums (scaled, no bias; rows past M are zero) when
     k_splits > 1."""
     x_dtype, out_dtype = jnp.dtype(x_dtype), jnp.dtype(out_dtype)
     is_int8 = x_dtype == jnp.int8
     tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
     cta_n = NUM_COMPUTE_WGS * tile_n
     cluster = cfg.cluster
-    if n % (cta_n * cluster) or mp % tile_m or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
+    if n % (cta_n * cluster) or mp % tile_m or not mp - tile_m < mx <= mp or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
         raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} cluster={cluster} "
                          f"mp={mp} tile_m={tile_m} k_tiles={t_x} splits={splits} epi_m={cfg.epi_m}")
     m_iters, n_iters, k_per_split = mp // tile_m, n // (cta_n * cluster), t_x // splits
@@ -222,6 +232,7 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
                     plgpu.BlockSpec((tile_m, step_k), lambda k: (0, k + k0 * k_steps), transforms=x_transforms,
                                     memory_space=plgpu.SMEM, delay_release=delay,
                                     collective_axes=("cluster",) if cluster > 1 else ()),
+                    # x has mx <= mp rows: the last tile's TMA loads zero-fill the rows past mx.
                 ],
                 wg_axis="wg",
                 num_compute_wgs=NUM_COMPUTE_WGS,
@@ -234,7 +245,7 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
 
         @functools.partial(pl.run_scoped,
                            allocs=get_pipeline(ignore, ignore).get_allocations(
-                               w_gmem.at[:, :cta_n], x_gmem.at[:tile_m]),
+                               w_gmem.at[:, :cta_n], x_gmem),   # only the block shapes count
                            collective_axes="wg")
         def _scope(allocs):
             wg = lax.axis_index("wg")
@@ -332,7 +343,7 @@ def _build(mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype: str, ha
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_rows = splits * mp if splits > 1 else mp
+    out_rows = splits * mp if splits > 1 else mx    # TMA drops stored rows past mx
     cluster_kw = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     call = plgpu.kernel(
         kernel,
@@ -394,7 +405,7 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     kind = "int8" if x_item == 1 else "bf16"
     if m > _SMALL_M:
         best = None
-        # Tiles that divide M, where some do: padding M costs a copy of x and of the output.
+        # Tiles that divide M, where some do: a partial last tile computes rows nobody reads.
         dividing = any(m % tm == 0 for _, tm in _RATE[kind])
         for (tile_n, tile_m), rate in _RATE[kind].items():
             cta_n = NUM_COMPUTE_WGS * tile_n
@@ -478,14 +489,17 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
         raise ValueError(f"{cfg} needs {cfg.smem_bytes(parts[0].dtype.itemsize, out_item)} bytes of shared "
                          f"memory, more than {SMEM_LIMIT}")
     mp = -(-m // cfg.tile_m) * cfg.tile_m
-    args = kernel_operands(parts, m, k, mp, w3, scale, step)
+    # x is not padded to whole tiles (a separate XLA copy; at M = 4 it cost about as much as the
+    # kernel's own time saved by 2-bit weights, NOTES.md item 20), only to x_rows(m).
+    mx = x_rows(m)
+    args = kernel_operands(parts, m, k, mx, w3, scale, step, step_rows=mp)
     xs = args[0]
     use_bias = bias is not None and cfg.k_splits == 1
     if use_bias:
         args.append(bias.astype(jnp.float32))
-    call = _build(mp, n, t_w, t_x, str(xs.dtype), str(jnp.dtype(out_dtype)), step is not None, use_bias,
+    call = _build(mx, mp, n, t_w, t_x, str(xs.dtype), str(jnp.dtype(out_dtype)), step is not None, use_bias,
                   cfg, num_sms())
     out = call(*args)
     if cfg.k_splits > 1:
-        out = sum_split_k(out.reshape(cfg.k_splits, mp, n), bias, out_dtype)
-    return out[:m] if mp != m else out
+        return sum_split_k(out.reshape(cfg.k_splits, mp, n)[:, :m], bias, out_dtype)
+    return out[:m] if mx != m else out

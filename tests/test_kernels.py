@@ -386,6 +386,41 @@ def test_mosaic_gpu_lowers_odd_cases():
         _lower_mgpu(4608, 768, 3072, jnp.bfloat16, config=MgpuConfig(stages=2, overlap=False, chain=True))
 
 
+def _primitives(jaxpr) -> list[str]:
+    """The primitives of a jaxpr, with those of the jit-ted functions it calls (jnp.pad is one);
+    not those inside a kernel."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(str(eqn.primitive))
+        if str(eqn.primitive) in ("jit", "pjit"):
+            names += _primitives(eqn.params["jaxpr"].jaxpr)
+    return names
+
+
+def test_mosaic_gpu_reads_few_rows_without_a_padded_copy():
+    # TMA zero-fills the rows of the last token tile past M, so the op pads x only to x_rows(M)
+    # (rows in groups of 8 above 8), not to whole 16-token tiles; without split-K the op is the
+    # kernel alone (no copy of x before it, no slice of the output after it).
+    from jax.sharding import AbstractDevice, AbstractMesh
+    from pallas_kernels import mosaic_gpu as mg
+    assert [mg.x_rows(m) for m in (1, 4, 7, 8, 9, 16, 17, 300)] == [1, 4, 7, 8, 16, 16, 24, 304]
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    for m, n, splits in ((4, 9216, False), (8, 9216, False), (4, 3072, True), (24, 3072, True)):
+        x = jax.ShapeDtypeStruct((m, 3072), jnp.bfloat16)
+        wp = jax.ShapeDtypeStruct((768, n), jnp.int8)
+        vec = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+        def f(x, wp, s, b):
+            return mg.ternary_matmul_mgpu(x, wp, s, step=None, bias=b, out_dtype=jnp.bfloat16)
+
+        with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+            prims = _primitives(jax.make_jaxpr(f)(x, wp, vec, vec).jaxpr)
+        assert "pad" not in prims and "concatenate" not in prims, (m, n, prims)
+        assert ("reduce_sum" in prims) == splits, (m, n, prims)
+        if not splits:
+            assert prims == ["reshape", "custom_vmap_call"], (m, n, prims)    # reshape: the free tile view
+
+
 def test_mosaic_gpu_default_configs_fit_shared_memory():
     from pallas_kernels import mosaic_gpu as mg
     for k, n in FLUX_SHAPES:
@@ -399,7 +434,7 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
                 steps = (k // layout.TILE_K) // cfg.k_splits * cfg.k_steps
                 assert not cfg.chain or (steps % cfg.stages == 0 and not cfg.overlap), (m, k, n, cfg)
     # At M = 4608 the tiles fill the last wave of CTAs (144-token tiles at N = 3072: 5.8 waves, not
-    # 6.5), and elsewhere the tiles divide M where a measured tile shape does (no padding copies).
+    # 6.5), and elsewhere the tiles divide M where a measured tile shape does (no partial tiles).
     for k, n in FLUX_SHAPES:
         for x_dtype in (jnp.int8, jnp.bfloat16):
             cfg = mg.default_config(4608, n, k // layout.TILE_K, x_dtype)
@@ -520,6 +555,21 @@ def _check_mosaic_configs(m, k, n, seed, configs):
         assert rel(got, ref) < 2e-5, cfg
         got8 = ternary_matmul_mgpu(codes, wp, scale, step=step, bias=b, out_dtype=jnp.float32, config=cfg)
         assert rel(got8, ref8) < 1e-5, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_rows_past_m():
+    # x and the output keep x_rows(M) rows, not whole token tiles: TMA zero-fills the loads and
+    # drops the stores past them. M around the multiples of 8 and of the 16-token tiles, with
+    # split-K (3072 -> 3072: fp32 partials) and without (3072 -> 9216: bf16 stored by the kernel).
+    if "mosaic_gpu" not in _gpu_backends():
+        pytest.skip("needs a Hopper GPU")
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 40, 63, 64, 65, 300):
+        for k, n in ((3072, 3072), (3072, 9216)):
+            for out_dtype in (jnp.float32, jnp.bfloat16):
+                _check_kernel("mosaic_gpu", m, k, n, jnp.bfloat16, "native", interpret=False, seed=m + n,
+                              out_dtype=out_dtype)
+            _check_kernel("mosaic_gpu", m, k, n, jnp.bfloat16, "int8", interpret=False, seed=m, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.gpu
