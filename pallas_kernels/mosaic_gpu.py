@@ -188,7 +188,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     cluster = cfg.cluster
     if n % (cta_n * cluster) or mp % tile_m or not mp - tile_m < mx <= mp or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
         raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} cluster={cluster} "
-                         f"mp={mp} tile_m={tile_m} k_tiles={t_x} splits={splits} epi_m={cfg.epi_m}")
+                         f"mx={mx} mp={mp} tile_m={tile_m} k_tiles={t_x} splits={splits} epi_m={cfg.epi_m}")
     m_iters, n_iters, k_per_split = mp // tile_m, n // (cta_n * cluster), t_x // splits
     if cfg.chain and (k_per_split * cfg.k_steps) % cfg.stages:
         raise ValueError(f"chain needs the pipeline steps per tile ({k_per_split * cfg.k_steps}) to be a multiple "
@@ -489,8 +489,8 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
         raise ValueError(f"{cfg} needs {cfg.smem_bytes(parts[0].dtype.itemsize, out_item)} bytes of shared "
                          f"memory, more than {SMEM_LIMIT}")
     mp = -(-m // cfg.tile_m) * cfg.tile_m
-    # x is not padded to whole tiles (a separate XLA copy; at M = 4 it cost about as much as the
-    # kernel's own time saved by 2-bit weights, NOTES.md item 20), only to x_rows(m).
+    # x is not padded to whole tiles (a separate XLA copy that, with the output slice, cost 1.5-2.4 us
+    # of 9.6-25.9 us per op at M = 4 on an H100, NOTES.md item 20), only to x_rows(m).
     mx = x_rows(m)
     args = kernel_operands(parts, m, k, mx, w3, scale, step, step_rows=mp)
     xs = args[0]
