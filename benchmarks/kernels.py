@@ -253,6 +253,9 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
         args = [(*pk.quantize_activations(d["x"]), d["wp"], d["scale"]) for d in ins]
     else:
         args = [(d["x"], None, d["wp"], d["scale"]) for d in ins]
+    d = ins[0]
+    ref = (pk.ternary_matmul_a8_ref if dtype == "int8" else pk.ternary_matmul_ref)(
+        d["x"], d["wp"], d["scale"], out_dtype=jnp.float32)    # bf16 outputs below: error ~1e-3
     c = mg.MgpuConfig
     if m <= 64:
         # Split-K factors (CTAs per output tile: how many SMs stream the weights, and how evenly
@@ -263,10 +266,19 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                 for ks in range(1, 13) if t_w % ks == 0]
         grid += [c(tile_n=64, tile_m=tm, stages=4, k_splits=ks, k_steps=4, overlap=False, chain=True)
                  for ks in (3, 6, 12)]
-    elif m <= 512:
-        grid = [c(tile_n=tn, tile_m=tm, stages=st, k_splits=ks, epi_m=32)
-                for tn, tm, st in ((64, 64, 4), (128, 64, 4), (64, 128, 2 if dtype == "bf16" else 4))
-                for ks in (1, 2, 4)]
+    elif m <= 2048:
+        # Wave balance: each tile shape unsplit and with the smallest split-K factor that keeps
+        # the last round of the persistent grid >= 85 % full (the partials cost an XLA pass).
+        sms, x_item = mg.num_sms(), 1 if dtype == "int8" else 2
+        grid = []
+        for tn, tm in ((64, 64), (64, 128), (128, 128)):
+            tiles = -(-m // tm) * (n // (2 * tn))
+            ks_all = [ks for ks in range(2, 7) if t_w % ks == 0]
+            fill = [ks for ks in ks_all if tiles * ks / sms / -(-tiles * ks // sms) >= 0.85]
+            for ks in [1] + fill[:1]:
+                cfg = mg.with_stages(c(tile_n=tn, tile_m=tm, k_splits=ks), m, t_w, x_item)
+                grid.append(mg.fit_pipeline(cfg, t_w))
+        grid = list(dict.fromkeys(grid))
     elif dtype == "int8":
         grid = [c(tile_n=128, tile_m=128, stages=st, epi_m=32, grid_tile_width=gw)
                 for st, gw in ((4, 8), (4, 4), (4, 6), (4, 12), (4, 16), (3, 8), (3, 12))]
@@ -291,6 +303,10 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                 c(tile_n=64, tile_m=64, stages=6, k_steps=2),
                 c(tile_n=64, tile_m=256, stages=4, k_steps=4), c(tile_n=64, tile_m=256, stages=4, k_steps=4,
                                                                   overlap=False)]
+    dflt = mg.fit_pipeline(mg.default_config(m, n, t_w, jnp.int8 if dtype == "int8" else jnp.bfloat16,
+                                             mg.num_sms()), t_w)
+    if dflt not in grid:
+        grid.insert(0, dflt)
     for cfg in grid:
         if m % cfg.tile_m and m > cfg.tile_m:
             continue
@@ -306,10 +322,13 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                 raise
             print(f"  {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
+        x0, st0, wp0, s0 = args[0]
+        got = mg.ternary_matmul_mgpu(x0, wp0, s0, step=st0, bias=None, out_dtype=jnp.bfloat16, config=cfg)
+        err = _rel(got, ref)
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
               f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster} "
-              f"kst={cfg.k_steps} chain={int(cfg.chain)}: "
-              f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x", flush=True)
+              f"kst={cfg.k_steps} chain={int(cfg.chain)}{' (default)' if cfg == dflt else ''}: "
+              f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x  err {err:.1e}", flush=True)
 
 
 def main() -> None:

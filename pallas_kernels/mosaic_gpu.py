@@ -380,6 +380,17 @@ _RATE = {
     "bf16": {(64, 128): 620.0, (64, 144): 640.0, (64, 64): 480.0, (128, 128): 480.0},
 }
 _SMALL_M = 64
+# bf16 above _SMALL_M and up to _MID_M (fitted on H100 sweeps at M = 256 and 1536, NOTES.md item
+# 21): each CTA work item also pays about one pipeline fill and epilogue, and split-K's XLA sum
+# of fp32 partials moves about 1.4 TB/s. With those two terms the predicted time picks the fastest
+# measured configuration in all eleven swept problems. Larger M and int8 keep the rate-only model
+# their M = 4608 sweeps tuned.
+_MID_M = 2048
+_ITEM_OVERHEAD_S = 2.5e-6
+_SPLIT_SUM_BYTES_PER_S = 1.4e12
+# Small M: split-K where N / tile leaves the last round of CTAs this empty or emptier (H100 sweep at
+# M = 4: N = 18432 and 21504 gained 10-12 %, NOTES.md item 21).
+_SMALL_M_FILL = 0.85
 
 
 def _epilogue_chunk(tile_n: int, tile_m: int) -> int:
@@ -396,14 +407,19 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
 
     M > 64: among the measured tile shapes that divide M (if any do), the one with the least
     predicted time ceil(tiles / SMs) * tile_work / rate, i.e. fast tiles that do not leave the
-    last wave of CTAs half empty (at M = 4608: 144-token tiles, NOTES.md item 16). bf16 keeps
-    one wgmma group in flight only where 3+ stages fit (measured: with 2 stages the delayed
-    release starves the pipeline); otherwise it chains the pipelines of a CTA's tiles where the K
-    steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). M <= 64: 64-row warpgroup tiles,
-    16-token tiles, deep pipelines and split-K (so that enough CTAs stream the weights)."""
+    last wave of CTAs half empty (at M = 4608: 144-token tiles, NOTES.md item 16); bf16 up to
+    M = 2048 also weighs split-K (its XLA sum included) and a fixed cost per CTA work item
+    (NOTES.md item 21). bf16 keeps one wgmma group in flight only where 3+ stages fit (measured:
+    with 2 stages the delayed release starves the pipeline); otherwise it chains the pipelines of
+    a CTA's tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15).
+
+    M <= 64: 64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K (so that enough
+    CTAs stream the weights, and where N has more tiles than there are SMs, so that the last
+    round of CTAs is >= 85 % full)."""
     x_item = jnp.dtype(x_dtype).itemsize
     kind = "int8" if x_item == 1 else "bf16"
     if m > _SMALL_M:
+        fitted = kind == "bf16" and m <= _MID_M
         best = None
         # Tiles that divide M, where some do: a partial last tile computes rows nobody reads.
         dividing = any(m % tm == 0 for _, tm in _RATE[kind])
@@ -411,27 +427,45 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
             cta_n = NUM_COMPUTE_WGS * tile_n
             if n % cta_n or (dividing and m % tile_m):
                 continue
-            tiles = -(-m // tile_m) * (n // cta_n)
-            t = -(-tiles // sms) * (cta_n * tile_m) / (rate / sms)
-            if best is None or t < best[0]:
-                best = (t, tile_n, tile_m)
-        _, tile_n, tile_m = best
-        splits = 1
+            for splits in range(1, 9 if fitted else 2):
+                if k_tiles % splits or (splits > 1 and k_tiles // splits < 4):
+                    continue
+                items = -(-m // tile_m) * (n // cta_n) * splits
+                item_s = 2 * cta_n * tile_m * TILE_K * (k_tiles // splits) / (rate * 1e12 / sms)
+                t = -(-items // sms) * (item_s + (_ITEM_OVERHEAD_S if fitted else 0.0))
+                if splits > 1:
+                    t += splits * m * n * 4 / _SPLIT_SUM_BYTES_PER_S
+                if best is None or t < best[0]:
+                    best = (t, tile_n, tile_m, splits)
+        _, tile_n, tile_m, splits = best
     else:
         tile_m, tile_n = max(16, -(-m // 16) * 16), 64
         tiles = n // (NUM_COMPUTE_WGS * tile_n)
         splits = 1
         while tiles * splits * 2 <= sms and k_tiles % (splits * 2) == 0 and k_tiles // (splits * 2) >= 4:
             splits *= 2
-    epi_m = _epilogue_chunk(tile_n, tile_m)
+        if tiles > sms:
+            # More tiles than SMs: the second round of CTAs would run mostly empty.
+            fill = lambda ks: tiles * ks / (-(-tiles * ks // sms) * sms)
+            fits = [ks for ks in range(2, k_tiles // 2 + 1) if k_tiles % ks == 0 and fill(ks) >= _SMALL_M_FILL]
+            splits = fits[0] if fits else 1
+    return with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, k_splits=splits), m, k_tiles, x_item, out_itemsize)
+
+
+def with_stages(cfg: MgpuConfig, m: int, k_tiles: int, x_itemsize: int, out_itemsize: int = 2) -> MgpuConfig:
+    """cfg's tiles and split-K with the measured pipeline choices: the deepest pipeline that fits
+    shared memory (at most 4 stages above M = 64), one wgmma group in flight where 3+ stages fit,
+    chained pipelines for bf16 with 2 stages where the K steps allow (see default_config)."""
+    kind = "int8" if x_itemsize == 1 else "bf16"
+    splits = cfg.k_splits
     out_item = 4 if splits > 1 else out_itemsize
-    cfg = MgpuConfig(tile_n=tile_n, tile_m=tile_m, stages=2, k_splits=splits, epi_m=epi_m,
-                     grid_tile_width=8 if kind == "int8" else 4, overlap=False)
+    cfg = dataclasses.replace(cfg, stages=2, epi_m=_epilogue_chunk(cfg.tile_n, cfg.tile_m),
+                              grid_tile_width=8 if kind == "int8" else 4, overlap=False, chain=False)
     for stages in (8, 6, 4, 3, 2):
         if m > _SMALL_M and stages > 4:
             continue
         cand = dataclasses.replace(cfg, stages=stages, overlap=stages >= 3)
-        if cand.smem_bytes(x_item, out_item) <= SMEM_LIMIT:
+        if cand.smem_bytes(x_itemsize, out_item) <= SMEM_LIMIT:
             break
     else:
         cand = cfg

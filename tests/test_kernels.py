@@ -445,6 +445,21 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
     # Large-M weight-only tiles chain their pipelines where the K steps divide into the stages.
     assert mg.default_config(4608, 3072, 12, jnp.bfloat16).chain
     assert not mg.default_config(4608, 3072, 3, jnp.bfloat16).chain          # 3 K-tiles, 2 stages
+    # Small M with more weight tiles than SMs (N = 18432, 21504: 144, 168 tiles of 128 rows): split-K
+    # fills the last round of CTAs to >= 85 % (unsplit, it ran 9-27 % full).
+    for n in (18432, 21504):
+        for m in (1, 4, 16, 64):
+            for x_dtype in (jnp.int8, jnp.bfloat16):
+                cfg = mg.default_config(m, n, 12, x_dtype)
+                items = n // (2 * cfg.tile_n) * cfg.k_splits
+                assert cfg.k_splits > 1 and items / (-(-items // 132) * 132) >= 0.85, (m, n, cfg)
+    # bf16 at M = 256 (H100 sweep, NOTES.md item 21): 128-token tiles at N = 9216 and 12288 (37-38 us
+    # against 44 for 64-token ones), split-K 5 at 15360 -> 3072 (46 us against 59); 3072 -> 3072
+    # keeps 64-token tiles (14 us against 20).
+    pick = lambda k, n: mg.default_config(256, n, k // layout.TILE_K, jnp.bfloat16)
+    assert pick(3072, 9216).tile_m == pick(3072, 12288).tile_m == 128
+    assert (pick(15360, 3072).tile_m, pick(15360, 3072).k_splits) == (128, 5)
+    assert (pick(3072, 3072).tile_m, pick(3072, 3072).k_splits) == (64, 1)
 
 
 def test_mosaic_gpu_pipeline_never_deeper_than_the_k_loop():
