@@ -393,6 +393,12 @@ _SPLIT_SUM_BYTES_PER_S = 1.4e12
 _SMALL_M_FILL = 0.85
 
 
+def round_fill(items: int, sms: int) -> float:
+    """How full the persistent grid's rounds of CTA work items are on average (1.0: the last
+    round is full too)."""
+    return items / (-(-items // sms) * sms)
+
+
 def _epilogue_chunk(tile_n: int, tile_m: int) -> int:
     """Tokens per epilogue store chunk: 64 (32 for 128-row warpgroup tiles, whose 2 slots would
     not fit beside the stages otherwise), or the next size that divides tile_m (8 always does)."""
@@ -446,8 +452,8 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
             splits *= 2
         if tiles > sms:
             # More tiles than SMs: the second round of CTAs would run mostly empty.
-            fill = lambda ks: tiles * ks / (-(-tiles * ks // sms) * sms)
-            fits = [ks for ks in range(2, k_tiles // 2 + 1) if k_tiles % ks == 0 and fill(ks) >= _SMALL_M_FILL]
+            fits = [ks for ks in range(2, k_tiles // 2 + 1)
+                    if k_tiles % ks == 0 and round_fill(tiles * ks, sms) >= _SMALL_M_FILL]
             splits = fits[0] if fits else 1
     return with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, k_splits=splits), m, k_tiles, x_item, out_itemsize)
 
