@@ -179,8 +179,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     x (mx, t_x*TILE_K) x_dtype, mx = x_rows(M) <= mp, mp = M rounded up to whole tiles; w3
     (t_w, n, SLAB) int8 with t_x a multiple of t_w (the bf16 hi/lo split of fp32 inputs repeats
     the weights); scale (n,) f32; step (mp,) f32; bias (n,) f32. Returns (mx, n) out_dtype, or
-    (k_splits * mp, n) f32 partial sums (scaled, no bias; rows past M are zero) when
-    k_splits > 1."""
+    (k_splits, mx, n) f32 partial sums (scaled, no bias) when k_splits > 1."""
     x_dtype, out_dtype = jnp.dtype(x_dtype), jnp.dtype(out_dtype)
     is_int8 = x_dtype == jnp.int8
     tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
@@ -286,7 +285,10 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                     if has_bias:
                         y = y + lax.broadcast_in_dim(vecs.pop(0), acc.shape, [0])
                     y = y.astype(final_dtype)
-                    row0 = split * mp + m_idx * tile_m if splits > 1 else m_idx * tile_m
+                    row0 = m_idx * tile_m
+                    # Each split's partials are an (mx, n) slab of their own, so TMA drops the rows
+                    # past mx of every split (at M = 4, 16-token tiles wrote 4x the rows read).
+                    out_ref = out_gmem.at[split] if splits > 1 else out_gmem
                     # Store y^T in chunks of epi_m tokens through 2 shared-memory slots per warpgroup.
                     for c in range(tile_m // epi_m):
                         slot = c % 2
@@ -296,7 +298,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                                                      plgpu.Layout.WGMMA_TRANSPOSED)
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
-                                                out_gmem.at[pl.ds(row0 + c * epi_m, epi_m), n_sl])
+                                                out_ref.at[pl.ds(row0 + c * epi_m, epi_m), n_sl])
 
                 def planes(first, w_smem, x_smem, acc_ref):
                     w_ref = w_smem.at[pl.ds(wg * tile_n, tile_n)]
@@ -343,11 +345,11 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_rows = splits * mp if splits > 1 else mx    # TMA drops stored rows past mx
+    out_shape = (splits, mx, n) if splits > 1 else (mx, n)    # TMA drops stored rows past mx
     cluster_kw = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((out_rows, n), final_dtype),
+        out_type=jax.ShapeDtypeStruct(out_shape, final_dtype),
         grid=(num_sms // cluster,),
         grid_names=("sm",),
         **cluster_kw,
@@ -391,6 +393,12 @@ _SPLIT_SUM_BYTES_PER_S = 1.4e12
 # Small M: split-K where N / tile leaves the last round of CTAs this empty or emptier (H100 sweep at
 # M = 4: N = 18432 and 21504 gained 10-12 %, NOTES.md item 21).
 _SMALL_M_FILL = 0.85
+# Small M with more tiles than SMs: split-K (for the fill) only while its fp32 partials (splits x
+# rows x 4 bytes per output feature) are at most this share of the packed weight bytes (64 per
+# feature per K-tile). H100 sweeps at N = 18432 / 21504 (NOTES.md items 21-22): M = 4, partials
+# 6-8 % of the weights, 3-4 splits gained 10-12 %; M = 16, 25-33 %: bf16 +6 %, W1.58A8 -3 %;
+# bf16 M = 50, 88-117 %: a tie; W1.58A8 M = 64, 100-133 %: -24 to -32 %.
+_SMALL_M_PARTIAL_SHARE = 0.2
 
 
 def round_fill(items: int, sms: int) -> float:
@@ -419,9 +427,10 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     with 2 stages the delayed release starves the pipeline); otherwise it chains the pipelines of
     a CTA's tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15).
 
-    M <= 64: 64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K (so that enough
-    CTAs stream the weights, and where N has more tiles than there are SMs, so that the last
-    round of CTAs is >= 85 % full)."""
+    M <= 64: 64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K: where N has
+    fewer tiles than there are SMs, as many splits as one round of CTAs holds (so that enough
+    CTAs stream the weights); where it has more, the fewest that fill the last round >= 85 %, if
+    their fp32 partials are small next to the weights (NOTES.md items 21-22)."""
     x_item = jnp.dtype(x_dtype).itemsize
     kind = "int8" if x_item == 1 else "bf16"
     if m > _SMALL_M:
@@ -447,14 +456,17 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     else:
         tile_m, tile_n = max(16, -(-m // 16) * 16), 64
         tiles = n // (NUM_COMPUTE_WGS * tile_n)
-        splits = 1
-        while tiles * splits * 2 <= sms and k_tiles % (splits * 2) == 0 and k_tiles // (splits * 2) >= 4:
-            splits *= 2
+        ks_all = [ks for ks in range(2, k_tiles // 3 + 1) if k_tiles % ks == 0]   # >= 3 K-tiles each
         if tiles > sms:
             # More tiles than SMs: the second round of CTAs would run mostly empty.
-            fits = [ks for ks in range(2, k_tiles // 2 + 1)
-                    if k_tiles % ks == 0 and round_fill(tiles * ks, sms) >= _SMALL_M_FILL]
-            splits = fits[0] if fits else 1
+            fits = [ks for ks in ks_all if round_fill(tiles * ks, sms) >= _SMALL_M_FILL
+                    and ks * x_rows(m) * 4 <= _SMALL_M_PARTIAL_SHARE * k_tiles * SLAB]
+        else:
+            # Fewer: as many CTAs stream the weights as one round holds (NOTES.md item 22: at
+            # M = 4 and 50, 12-24 % less time than 2 or 4 splits, although at M = 50 the
+            # partials outweigh the weights).
+            fits = [ks for ks in ks_all if tiles * ks <= sms][::-1]
+        splits = fits[0] if fits else 1
     return with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, k_splits=splits), m, k_tiles, x_item, out_itemsize)
 
 
@@ -541,5 +553,5 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
                   cfg, num_sms())
     out = call(*args)
     if cfg.k_splits > 1:
-        return sum_split_k(out.reshape(cfg.k_splits, mp, n)[:, :m], bias, out_dtype)
+        return sum_split_k(out[:, :m] if mx != m else out, bias, out_dtype)
     return out[:m] if mx != m else out
