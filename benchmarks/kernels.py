@@ -275,7 +275,7 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
         for tn, tm in ((64, 64), (64, 128), (128, 128)):
             tiles = -(-m // tm) * (n // (2 * tn))
             ks_all = [ks for ks in range(2, 7) if t_w % ks == 0]
-            fill = [ks for ks in ks_all if mg.round_fill(tiles * ks, sms) >= 0.85]
+            fill = [ks for ks in ks_all if mg.round_fill(tiles * ks, sms) >= mg._SMALL_M_FILL]
             for ks in [1] + fill[:1]:
                 cfg = mg.with_stages(c(tile_n=tn, tile_m=tm, k_splits=ks), m, t_w, x_item)
                 grid.append(mg.fit_pipeline(cfg, t_w))

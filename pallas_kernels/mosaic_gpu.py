@@ -459,14 +459,13 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
         ks_all = [ks for ks in range(2, k_tiles // 3 + 1) if k_tiles % ks == 0]   # >= 3 K-tiles each
         if tiles > sms:
             # More tiles than SMs: the second round of CTAs would run mostly empty.
-            fits = [ks for ks in ks_all if round_fill(tiles * ks, sms) >= _SMALL_M_FILL
-                    and ks * x_rows(m) * 4 <= _SMALL_M_PARTIAL_SHARE * k_tiles * SLAB]
+            splits = min((ks for ks in ks_all if round_fill(tiles * ks, sms) >= _SMALL_M_FILL
+                          and ks * x_rows(m) * 4 <= _SMALL_M_PARTIAL_SHARE * k_tiles * SLAB), default=1)
         else:
             # Fewer: as many CTAs stream the weights as one round holds (NOTES.md item 22: at
             # M = 4 and 50, 12-24 % less time than 2 or 4 splits, although at M = 50 the
             # partials outweigh the weights).
-            fits = [ks for ks in ks_all if tiles * ks <= sms][::-1]
-        splits = fits[0] if fits else 1
+            splits = max((ks for ks in ks_all if tiles * ks <= sms), default=1)
     return with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, k_splits=splits), m, k_tiles, x_item, out_itemsize)
 
 
