@@ -24,6 +24,7 @@ differently; `--clocks` prints the SM clock and power per op). Inputs are random
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import statistics
@@ -308,6 +309,10 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                                              mg.num_sms()), t_w)
     if dflt not in grid:
         grid.insert(0, dflt)
+    # The default with the other turn-taking choice (ping-pong warpgroups, NOTES.md item 23).
+    twin = dataclasses.replace(dflt, pingpong=not dflt.pingpong)
+    if twin not in grid:
+        grid.insert(grid.index(dflt) + 1, twin)
     for cfg in grid:
         if m % cfg.tile_m and m > cfg.tile_m:
             continue
@@ -328,7 +333,7 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
         err = _rel(got, ref)
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
               f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster} "
-              f"kst={cfg.k_steps} chain={int(cfg.chain)}{' (default)' if cfg == dflt else ''}: "
+              f"kst={cfg.k_steps} chain={int(cfg.chain)} pp={int(cfg.pingpong)}{' (default)' if cfg == dflt else ''}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x  err {err:.1e}", flush=True)
 
 

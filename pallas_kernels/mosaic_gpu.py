@@ -52,6 +52,7 @@ class MgpuConfig:
     k_steps: int = 1           # pipeline steps per K-tile (1, 2 or 4): smaller stages, more of them
     cluster: int = 1           # CTAs per cluster along N; 2: they share each x tile by TMA multicast
     chain: bool = False        # one pipeline over all of a CTA's tiles: the next tile's loads start early
+    pingpong: bool = False     # the 2 compute warpgroups take turns issuing each step's wgmmas (see _build)
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
@@ -211,7 +212,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     epi_m = cfg.epi_rows()
     delay = 1 if cfg.overlap else 0
 
-    def kernel(x_gmem, w_gmem, s_gmem, *rest, out_smem):
+    def kernel(x_gmem, w_gmem, s_gmem, *rest, out_smem, turns=None):
         rest = list(rest)
         step_gmem = rest.pop(0) if has_step else None
         bias_gmem = rest.pop(0) if has_bias else None
@@ -248,6 +249,15 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                            collective_axes="wg")
         def _scope(allocs):
             wg = lax.axis_index("wg")
+            if cfg.pingpong:
+                # Turn-taking (CUTLASS's ping-pong, per pipeline step): warpgroup 0 issues step s's
+                # wgmmas, then warpgroup 1 issues its own, then warpgroup 0 step s + 1. Each waits on
+                # the other's barrier before its first wgmma of a step and arrives on its own after
+                # its last, so the tensor cores run one warpgroup's wgmmas while the other drains,
+                # releases the stage and unpacks. Without it both warpgroups run in lockstep and the
+                # tensor cores idle through every step's drain and unpack. Warpgroup 1 arrives once
+                # here, as for a step -1, so that warpgroup 0's first wait passes.
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[1]))
 
             @plgpu.nd_loop((splits * m_iters * n_iters,), collective_axes="sm")
             def _loop(info):
@@ -312,9 +322,15 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                         else:
                             a = _plane_bf16(packed, p)
                         b = plgpu.transpose_ref(x_smem.at[:, pl.ds(i * SLAB, SLAB)], (1, 0))
+                        if cfg.pingpong and i == 0:
+                            pl.when(wg == 0)(lambda: plgpu.barrier_wait(turns.at[1]))
+                            pl.when(wg == 1)(lambda: plgpu.barrier_wait(turns.at[0]))
                         plgpu.wgmma(acc_ref, a, b)
                         if cfg.overlap:
                             plgpu.wgmma_wait(1)
+                    if cfg.pingpong:
+                        pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turns.at[0]))
+                        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[1]))
                     if not cfg.overlap:
                         plgpu.wgmma_wait(0)
 
@@ -347,6 +363,9 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
 
     out_shape = (splits, mx, n) if splits > 1 else (mx, n)    # TMA drops stored rows past mx
     cluster_kw = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
+    scratch = dict(out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, epi_m, tile_n), final_dtype, transforms=out_transforms))
+    if cfg.pingpong:
+        scratch["turns"] = plgpu.Barrier(num_arrivals=1, num_barriers=NUM_COMPUTE_WGS)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(out_shape, final_dtype),
@@ -356,8 +375,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
         num_threads=NUM_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        scratch_types=dict(out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, epi_m, tile_n), final_dtype,
-                                               transforms=out_transforms)),
+        scratch_types=scratch,
     )
     return call
 

@@ -380,6 +380,8 @@ def test_mosaic_gpu_lowers_odd_cases():
     with pytest.raises(ValueError, match="k_steps"):
         MgpuConfig(k_steps=3).check()
     _lower_mgpu(4608, 3072, 3072, jnp.bfloat16, config=MgpuConfig(stages=4, k_steps=2, overlap=False, chain=True))
+    _lower_mgpu(4608, 3072, 21504, jnp.bfloat16, config=MgpuConfig(tile_m=144, stages=2, epi_m=48, overlap=False,
+                                                                   chain=True, pingpong=True))   # turn barriers
     with pytest.raises(ValueError, match="chain needs overlap=False"):
         MgpuConfig(overlap=True, chain=True).check()
     with pytest.raises(ValueError, match=r"chain needs the pipeline steps per tile \(3\)"):   # 3 K-tiles, 2 stages
@@ -671,3 +673,21 @@ def test_gpu_gemv():
         _check_gemv(4, k, n, jnp.int8, None, seed=k + n + 2, interpret=False)   # auto's W1.58A8 range
     for k, n in REFMODEL_SHAPES:
         _check_gemv(1, k, n, jnp.bfloat16, None, seed=k + n + 1, interpret=False)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_pingpong():
+    # Turn-taking warpgroups: a CTA's steps, tiles (288 tiles on 132 SMs: 2-3 per CTA) and
+    # pipelines keep the two turn barriers in phase, with and without chaining, k_steps, split-K,
+    # overlap and 144-token tiles.
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(2048, 1024, 2304, 8, [
+        MgpuConfig(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True, pingpong=True),
+        MgpuConfig(tile_n=64, tile_m=128, stages=2, overlap=False, pingpong=True),
+        MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2, overlap=False, chain=True, pingpong=True),
+        MgpuConfig(tile_n=64, tile_m=128, stages=4, k_splits=2, pingpong=True),
+        MgpuConfig(tile_n=128, tile_m=128, stages=3, epi_m=32, grid_tile_width=8, pingpong=True)])
+    _check_mosaic_configs(2000, 1024, 2304, 9, [
+        MgpuConfig(tile_n=64, tile_m=144, stages=2, epi_m=48, overlap=False, chain=True, pingpong=True),
+        MgpuConfig(tile_n=128, tile_m=144, stages=2, epi_m=16, grid_tile_width=8, pingpong=True)])
+    _check_mosaic_configs(4, 3072, 3072, 10, [MgpuConfig(tile_n=64, tile_m=16, stages=8, k_splits=4, pingpong=True)])
