@@ -260,6 +260,14 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                 # warpgroup 0's first wait passes.
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[1]))
 
+            def wait_turn():     # warpgroup w waits for the other's barrier
+                pl.when(wg == 0)(lambda: plgpu.barrier_wait(turns.at[1]))
+                pl.when(wg == 1)(lambda: plgpu.barrier_wait(turns.at[0]))
+
+            def end_turn():      # and arrives on its own (static indices: one branch each)
+                pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turns.at[0]))
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[1]))
+
             @plgpu.nd_loop((splits * m_iters * n_iters,), collective_axes="sm")
             def _loop(info):
                 (lin,) = info.index
@@ -324,14 +332,12 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                             a = _plane_bf16(packed, p)
                         b = plgpu.transpose_ref(x_smem.at[:, pl.ds(i * SLAB, SLAB)], (1, 0))
                         if cfg.pingpong and i == 0:
-                            pl.when(wg == 0)(lambda: plgpu.barrier_wait(turns.at[1]))
-                            pl.when(wg == 1)(lambda: plgpu.barrier_wait(turns.at[0]))
+                            wait_turn()
                         plgpu.wgmma(acc_ref, a, b)
                         if cfg.overlap:
                             plgpu.wgmma_wait(1)
                     if cfg.pingpong:
-                        pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turns.at[0]))
-                        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[1]))
+                        end_turn()
                     if not cfg.overlap:
                         plgpu.wgmma_wait(0)
 
