@@ -11,6 +11,7 @@ kernel.
     PYTHONPATH=. python3 benchmarks/kernels.py                  # full table, backend auto
     python3 benchmarks/kernels.py --ms 4608 --sustain 2 --clocks   # steady power state, clocks
     python3 benchmarks/kernels.py --ms 4608 --shapes 3072x3072 --sweep int8   # mosaic_gpu tiles
+    python3 benchmarks/kernels.py --ms 4608 --sweep bf16 --defaults-only       # default vs ping-pong
     MOSAIC_GPU_DUMP_TO=/tmp/d python3 benchmarks/kernels.py --once --ms 4608 --shapes 3072x3072
 
 Timing (METHOD.md): `time_op` runs the op inside a jitted fori_loop, once per distinct random
@@ -238,8 +239,9 @@ HEADER = ("  K -> N    |     M |  xla us  | xla TF |  wo us   | wo TF  | wo/xla 
 CLOCK_HEADER = " | MHz xla / wo / a8kern | W xla / wo / a8kern"
 
 
-def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
-    """Time mosaic_gpu tile configurations for one problem (weight-only bf16 or int8 kernel)."""
+def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_only: bool = False) -> None:
+    """Time mosaic_gpu tile configurations for one problem (weight-only bf16 or int8 kernel);
+    defaults_only: just the default and its ping-pong twin."""
     from pallas_kernels import mosaic_gpu as mg
     sets = n_sets(m, k, n)
     ins = make_inputs(m, k, n, sets)
@@ -307,6 +309,8 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0) -> None:
                                                                   overlap=False)]
     dflt = mg.fit_pipeline(mg.default_config(m, n, t_w, jnp.int8 if dtype == "int8" else jnp.bfloat16,
                                              mg.num_sms()), t_w)
+    if defaults_only:
+        grid = []
     if dflt not in grid:
         grid.insert(0, dflt)
     # The default with the other turn-taking choice (ping-pong warpgroups, NOTES.md item 23).
@@ -346,6 +350,8 @@ def main() -> None:
     ap.add_argument("--check-ms", default="4608", help="M values whose rows also report errors")
     ap.add_argument("--xla-path", action="store_true", help="also time the xla backend (unpack + dot)")
     ap.add_argument("--sweep", default="", help="'int8' or 'bf16': tile sweep of the mosaic_gpu kernel")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="with --sweep: time only each default config and its ping-pong twin")
     ap.add_argument("--once", action="store_true", help="run each kernel once (e.g. with MOSAIC_GPU_DUMP_TO)")
     ap.add_argument("--sustain", type=float, default=0.0,
                     help="seconds of back-to-back load per op, timed in its steady power state (see time_op)")
@@ -361,7 +367,7 @@ def main() -> None:
     if a.sweep:
         for k, n in shapes:
             for m in ms:
-                sweep(m, k, n, a.sweep, a.sustain)
+                sweep(m, k, n, a.sweep, a.sustain, a.defaults_only)
         return
     backend = pk.choose_backend(a.backend)
     if a.once:
