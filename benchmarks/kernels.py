@@ -11,7 +11,7 @@ kernel.
     PYTHONPATH=. python3 benchmarks/kernels.py                  # full table, backend auto
     python3 benchmarks/kernels.py --ms 4608 --sustain 2 --clocks   # steady power state, clocks
     python3 benchmarks/kernels.py --ms 4608 --shapes 3072x3072 --sweep int8   # mosaic_gpu tiles
-    python3 benchmarks/kernels.py --ms 4608 --sweep bf16 --defaults-only       # default vs ping-pong
+    python3 benchmarks/kernels.py --ms 4608 --sweep bf16 --defaults-only       # default vs its twin
     MOSAIC_GPU_DUMP_TO=/tmp/d python3 benchmarks/kernels.py --once --ms 4608 --shapes 3072x3072
 
 Timing (METHOD.md): `time_op` runs the op inside a jitted fori_loop, once per distinct random
@@ -241,7 +241,7 @@ CLOCK_HEADER = " | MHz xla / wo / a8kern | W xla / wo / a8kern"
 
 def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_only: bool = False) -> None:
     """Time mosaic_gpu tile configurations for one problem (weight-only bf16 or int8 kernel);
-    defaults_only: just the default and its ping-pong twin."""
+    defaults_only: just the default and its twin (see below)."""
     from pallas_kernels import mosaic_gpu as mg
     sets = n_sets(m, k, n)
     ins = make_inputs(m, k, n, sets)
@@ -306,21 +306,29 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_onl
                 c(tile_n=128, tile_m=128, stages=3, epi_m=32, k_steps=2),
                 c(tile_n=64, tile_m=64, stages=6, k_steps=2),
                 c(tile_n=64, tile_m=256, stages=4, k_steps=4), c(tile_n=64, tile_m=256, stages=4, k_steps=4,
-                                                                  overlap=False)]
+                                                                  overlap=False),
+                # 3 compute warpgroups: 192-row CTAs (NOTES.md item 24)
+                c(tile_n=64, tile_m=144, stages=2, overlap=False, chain=True, epi_m=48, compute_wgs=3),
+                c(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True, compute_wgs=3),
+                c(tile_n=64, tile_m=144, stages=3, k_steps=2, overlap=False, chain=True, epi_m=48, compute_wgs=3)]
     dflt = mg.fit_pipeline(mg.default_config(m, n, t_w, jnp.int8 if dtype == "int8" else jnp.bfloat16,
                                              mg.num_sms()), t_w)
     if defaults_only:
         grid = []
     if dflt not in grid:
         grid.insert(0, dflt)
-    # The default with the other turn-taking choice (ping-pong warpgroups, NOTES.md item 23).
-    twin = dataclasses.replace(dflt, pingpong=not dflt.pingpong)
+    # The default's twins: with 2 compute warpgroups, the other turn-taking choice (ping-pong,
+    # NOTES.md item 23); with more, the same tiles on 2 warpgroups (item 24).
+    if dflt.compute_wgs == 2:
+        twin = dataclasses.replace(dflt, pingpong=not dflt.pingpong)
+    else:
+        twin = dataclasses.replace(dflt, compute_wgs=2)
     if twin not in grid:
         grid.insert(grid.index(dflt) + 1, twin)
     for cfg in grid:
         if m % cfg.tile_m and m > cfg.tile_m:
             continue
-        if t_w % cfg.k_splits or n % (2 * cfg.tile_n * cfg.cluster):
+        if t_w % cfg.k_splits or n % (cfg.cta_n() * cfg.cluster):
             continue
         if cfg.chain and (t_w // cfg.k_splits * cfg.k_steps) % cfg.stages:
             continue
@@ -337,7 +345,8 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_onl
         err = _rel(got, ref)
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
               f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster} "
-              f"kst={cfg.k_steps} chain={int(cfg.chain)} pp={int(cfg.pingpong)}{' (default)' if cfg == dflt else ''}: "
+              f"kst={cfg.k_steps} chain={int(cfg.chain)} pp={int(cfg.pingpong)} wgs={cfg.compute_wgs}"
+              f"{' (default)' if cfg == dflt else ''}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x  err {err:.1e}", flush=True)
 
 
@@ -351,7 +360,7 @@ def main() -> None:
     ap.add_argument("--xla-path", action="store_true", help="also time the xla backend (unpack + dot)")
     ap.add_argument("--sweep", default="", help="'int8' or 'bf16': tile sweep of the mosaic_gpu kernel")
     ap.add_argument("--defaults-only", action="store_true",
-                    help="with --sweep: time only each default config and its ping-pong twin")
+                    help="with --sweep: time only each default config and its twin (ping-pong, or 2 warpgroups)")
     ap.add_argument("--once", action="store_true", help="run each kernel once (e.g. with MOSAIC_GPU_DUMP_TO)")
     ap.add_argument("--sustain", type=float, default=0.0,
                     help="seconds of back-to-back load per op, timed in its steady power state (see time_op)")

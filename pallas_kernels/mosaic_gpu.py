@@ -8,7 +8,8 @@ s8 x s8 -> s32 (exact). Scales (and bias) are applied in the epilogue, which sto
 transposed accumulator through shared memory with TMA.
 
 Structure follows jax/experimental/pallas/ops/gpu/hopper_mixed_type_matmul_mgpu.py: a
-persistent grid, 2 compute warpgroups + 1 TMA warpgroup (`emit_pipeline_warp_specialized`).
+persistent grid, 2 (or 3: weight-only at large M) compute warpgroups + 1 TMA warpgroup
+(`emit_pipeline_warp_specialized`).
 Lowering semantics are pinned to Lane (explicit register layouts) so JAX 0.10 and 0.11 agree.
 """
 
@@ -32,7 +33,7 @@ from .layout import PLANES, SLAB, TILE_K, kernel_operands, packed_tiles, sum_spl
 # a multiple of 8 and at most 256.
 WG_ROWS = 64
 MAX_TILE_M = 256
-NUM_COMPUTE_WGS = 2
+NUM_COMPUTE_WGS = 2   # the default number of compute warpgroups (MgpuConfig.compute_wgs)
 SMEM_LIMIT = 232448   # bytes of shared memory a Hopper CTA can use
 
 
@@ -53,6 +54,7 @@ class MgpuConfig:
     cluster: int = 1           # CTAs per cluster along N; 2: they share each x tile by TMA multicast
     chain: bool = False        # one pipeline over all of a CTA's tiles: the next tile's loads start early
     pingpong: bool = False     # the 2 compute warpgroups take turns issuing each step's wgmmas (see _build)
+    compute_wgs: int = NUM_COMPUTE_WGS   # compute warpgroups per CTA (CTA rows: compute_wgs * tile_n)
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
@@ -72,6 +74,16 @@ class MgpuConfig:
             raise ValueError("chain needs overlap=False (JAX chains pipelines only without delayed release)")
         if self.overlap and self.stages < 2:
             raise ValueError("overlap needs stages >= 2 (a stage stays in use one step longer)")
+        # 4 (256-row CTAs of 64-row warpgroup tiles, 112 registers per thread) failed to compile
+        # with 144-token tiles on the GPU (NOTES.md item 24).
+        if self.compute_wgs not in (2, 3):
+            raise ValueError(f"compute_wgs must be 2 or 3, got {self.compute_wgs}")
+        if self.pingpong and self.compute_wgs != 2:
+            raise ValueError(f"pingpong takes turns between 2 compute warpgroups, got compute_wgs={self.compute_wgs}")
+
+    def cta_n(self) -> int:
+        """Weight rows (output features) per CTA."""
+        return self.compute_wgs * self.tile_n
 
     def step_k(self) -> int:
         return TILE_K // self.k_steps
@@ -81,9 +93,8 @@ class MgpuConfig:
 
     def smem_bytes(self, x_itemsize: int, out_itemsize: int) -> int:
         """Shared memory the kernel asks for (pipeline stages + epilogue buffers + barriers)."""
-        cta_n = NUM_COMPUTE_WGS * self.tile_n
-        stage = self.tile_m * self.step_k() * x_itemsize + cta_n * SLAB
-        epi = NUM_COMPUTE_WGS * 2 * self.epi_rows() * self.tile_n * out_itemsize
+        stage = self.tile_m * self.step_k() * x_itemsize + self.cta_n() * SLAB
+        epi = self.compute_wgs * 2 * self.epi_rows() * self.tile_n * out_itemsize
         return self.stages * stage + epi + 1024
 
 
@@ -184,7 +195,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     x_dtype, out_dtype = jnp.dtype(x_dtype), jnp.dtype(out_dtype)
     is_int8 = x_dtype == jnp.int8
     tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
-    cta_n = NUM_COMPUTE_WGS * tile_n
+    cta_n, wgs = cfg.cta_n(), cfg.compute_wgs
     cluster = cfg.cluster
     if n % (cta_n * cluster) or mp % tile_m or not mp - tile_m < mx <= mp or t_x % splits or t_x % t_w or tile_m % cfg.epi_rows():
         raise ValueError(f"mosaic_gpu tiling does not divide the problem: n={n} cta_n={cta_n} cluster={cluster} "
@@ -235,7 +246,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                     # x has mx <= mp rows: the last tile's TMA loads zero-fill the rows past mx.
                 ],
                 wg_axis="wg",
-                num_compute_wgs=NUM_COMPUTE_WGS,
+                num_compute_wgs=wgs,
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute_context,
                 pipeline_state=state,
@@ -370,16 +381,16 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
 
     out_shape = (splits, mx, n) if splits > 1 else (mx, n)    # TMA drops stored rows past mx
     cluster_kw = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
-    scratch = dict(out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, epi_m, tile_n), final_dtype, transforms=out_transforms))
+    scratch = dict(out_smem=plgpu.SMEM((wgs, 2, epi_m, tile_n), final_dtype, transforms=out_transforms))
     if cfg.pingpong:
-        scratch["turns"] = plgpu.Barrier(num_arrivals=1, num_barriers=NUM_COMPUTE_WGS)
+        scratch["turns"] = plgpu.Barrier(num_arrivals=1, num_barriers=wgs)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(out_shape, final_dtype),
         grid=(num_sms // cluster,),
         grid_names=("sm",),
         **cluster_kw,
-        num_threads=NUM_COMPUTE_WGS + 1,
+        num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         scratch_types=scratch,
@@ -398,13 +409,16 @@ def num_sms() -> int:
 
 
 # Measured per-CTA-tile throughput (TFLOP/s over the whole H200 when every SM is busy; sweeps in
-# NOTES.md): (tile_n, tile_m) -> rate. Used to pick tiles that also fill the last wave of CTAs.
-# 144-token tiles cut M = 4608 into 32 rows of tiles: at N = 3072 that is 5.8 waves instead of
-# 6.5 (rates from wave-corrected times at N = 3072, NOTES.md item 16).
+# NOTES.md): (tile_n, tile_m, compute warpgroups) -> rate. Used to pick tiles that also fill the
+# last wave of CTAs. 144-token tiles cut M = 4608 into 32 rows of tiles: at N = 3072 that is 5.8
+# waves instead of 6.5 (rates from wave-corrected times at N = 3072, NOTES.md item 16). bf16 with
+# 3 compute warpgroups (192-row CTAs, NOTES.md item 24): 1.04-1.10x the 2-warpgroup rate per wave
+# at M = 4608 on every shape; measured only there, so used only above _MID_M.
 _RATE = {
-    "int8": {(128, 128): 1410.0, (64, 128): 1330.0, (128, 144): 1480.0, (64, 144): 1350.0, (128, 64): 960.0,
-             (64, 64): 900.0},
-    "bf16": {(64, 128): 620.0, (64, 144): 640.0, (64, 64): 480.0, (128, 128): 480.0},
+    "int8": {(128, 128, 2): 1410.0, (64, 128, 2): 1330.0, (128, 144, 2): 1480.0, (64, 144, 2): 1350.0,
+             (128, 64, 2): 960.0, (64, 64, 2): 900.0},
+    "bf16": {(64, 128, 2): 620.0, (64, 144, 2): 640.0, (64, 64, 2): 480.0, (128, 128, 2): 480.0,
+             (64, 144, 3): 680.0},
 }
 _SMALL_M = 64
 # bf16 above _SMALL_M and up to _MID_M (fitted on H100 sweeps at M = 256 and 1536, NOTES.md item
@@ -450,7 +464,8 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     M = 2048 also weighs split-K (its XLA sum included) and a fixed cost per CTA work item
     (NOTES.md item 21). bf16 keeps one wgmma group in flight only where 3+ stages fit (measured:
     with 2 stages the delayed release starves the pipeline); otherwise it chains the pipelines of
-    a CTA's tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15).
+    a CTA's tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). bf16
+    above M = 2048 may take 3 compute warpgroups (192-row CTAs; NOTES.md item 24).
 
     M <= 64: 64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K: where N has
     fewer tiles than there are SMs, as many splits as one round of CTAs holds (so that enough
@@ -462,10 +477,10 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
         fitted = kind == "bf16" and m <= _MID_M
         best = None
         # Tiles that divide M, where some do: a partial last tile computes rows nobody reads.
-        dividing = any(m % tm == 0 for _, tm in _RATE[kind])
-        for (tile_n, tile_m), rate in _RATE[kind].items():
-            cta_n = NUM_COMPUTE_WGS * tile_n
-            if n % cta_n or (dividing and m % tile_m):
+        dividing = any(m % tm == 0 for _, tm, _ in _RATE[kind])
+        for (tile_n, tile_m, wgs), rate in _RATE[kind].items():
+            cta_n = wgs * tile_n
+            if n % cta_n or (dividing and m % tile_m) or (wgs != NUM_COMPUTE_WGS and m <= _MID_M):
                 continue
             for splits in range(1, 9 if fitted else 2):
                 if k_tiles % splits or (splits > 1 and k_tiles // splits < 4):
@@ -476,10 +491,10 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
                 if splits > 1:
                     t += splits * m * n * 4 / _SPLIT_SUM_BYTES_PER_S
                 if best is None or t < best[0]:
-                    best = (t, tile_n, tile_m, splits)
-        _, tile_n, tile_m, splits = best
+                    best = (t, tile_n, tile_m, wgs, splits)
+        _, tile_n, tile_m, wgs, splits = best
     else:
-        tile_m, tile_n = max(16, -(-m // 16) * 16), 64
+        tile_m, tile_n, wgs = max(16, -(-m // 16) * 16), 64, NUM_COMPUTE_WGS
         tiles = n // (NUM_COMPUTE_WGS * tile_n)
         ks_all = [ks for ks in range(2, k_tiles // 3 + 1) if k_tiles % ks == 0]   # >= 3 K-tiles each
         if tiles > sms:
@@ -491,7 +506,8 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
             # M = 4 and 50, 12-24 % less time than 2 or 4 splits, although at M = 50 the
             # partials outweigh the weights).
             splits = max((ks for ks in ks_all if tiles * ks <= sms), default=1)
-    return with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, k_splits=splits), m, k_tiles, x_item, out_itemsize)
+    return with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, k_splits=splits, compute_wgs=wgs), m, k_tiles, x_item,
+                       out_itemsize)
 
 
 def with_stages(cfg: MgpuConfig, m: int, k_tiles: int, x_itemsize: int, out_itemsize: int = 2) -> MgpuConfig:
@@ -503,14 +519,20 @@ def with_stages(cfg: MgpuConfig, m: int, k_tiles: int, x_itemsize: int, out_item
     out_item = 4 if splits > 1 else out_itemsize
     cfg = dataclasses.replace(cfg, stages=2, epi_m=_epilogue_chunk(cfg.tile_n, cfg.tile_m),
                               grid_tile_width=8 if kind == "int8" else 4, overlap=False, chain=False)
-    for stages in (8, 6, 4, 3, 2):
-        if m > _SMALL_M and stages > 4:
-            continue
-        cand = dataclasses.replace(cfg, stages=stages, overlap=stages >= 3)
-        if cand.smem_bytes(x_itemsize, out_item) <= SMEM_LIMIT:
-            break
-    else:
-        cand = cfg
+
+    def deepest(epi_m: int) -> MgpuConfig | None:
+        for stages in (8, 6, 4, 3, 2):
+            if m > _SMALL_M and stages > 4:
+                continue
+            cand = dataclasses.replace(cfg, stages=stages, overlap=stages >= 3, epi_m=epi_m)
+            if cand.smem_bytes(x_itemsize, out_item) <= SMEM_LIMIT:
+                return cand
+        return None
+
+    # Smaller epilogue chunks only where not even 2 stages fit beside the usual ones (3 compute
+    # warpgroups with fp32 output: 3 x 2 slots of 48 x 64 fp32).
+    chunks = [cfg.epi_m] + [e for e in (16, 8) if e < cfg.epi_m and cfg.tile_m % e == 0]
+    cand = next((c for c in map(deepest, chunks) if c is not None), cfg)
     if kind == "bf16" and m > _SMALL_M and not cand.overlap and (k_tiles // splits) % cand.stages == 0:
         cand = dataclasses.replace(cand, chain=True)
     return cand

@@ -3,6 +3,8 @@ GPU), dispatch. Random inputs everywhere (never zeros)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -382,6 +384,16 @@ def test_mosaic_gpu_lowers_odd_cases():
     _lower_mgpu(4608, 3072, 3072, jnp.bfloat16, config=MgpuConfig(stages=4, k_steps=2, overlap=False, chain=True))
     _lower_mgpu(4608, 3072, 21504, jnp.bfloat16, config=MgpuConfig(tile_m=144, stages=2, epi_m=48, overlap=False,
                                                                    chain=True, pingpong=True))   # turn barriers
+    for tile_m, epi_m in ((144, 48), (128, 64)):                        # 192-row CTAs
+        _lower_mgpu(4608, 3072, 3072, jnp.bfloat16, config=MgpuConfig(
+            tile_m=tile_m, stages=2, epi_m=epi_m, overlap=False, chain=True, compute_wgs=3))
+    _lower_mgpu(300, 1024, 384, jnp.int8, config=MgpuConfig(tile_m=144, stages=3, epi_m=48, compute_wgs=3))
+    with pytest.raises(ValueError, match="tiling does not divide"):    # 640 % 192 != 0
+        _lower_mgpu(300, 1024, 640, jnp.bfloat16, config=MgpuConfig(tile_m=144, stages=2, compute_wgs=3))
+    for bad, msg in ((dict(compute_wgs=1), "compute_wgs"), (dict(compute_wgs=4), "compute_wgs"),
+                     (dict(compute_wgs=3, pingpong=True), "pingpong")):
+        with pytest.raises(ValueError, match=msg):
+            MgpuConfig(**bad).check()
     with pytest.raises(ValueError, match="chain needs overlap=False"):
         MgpuConfig(overlap=True, chain=True).check()
     with pytest.raises(ValueError, match=r"chain needs the pipeline steps per tile \(3\)"):   # 3 K-tiles, 2 stages
@@ -430,12 +442,12 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
     from pallas_kernels import mosaic_gpu as mg
     for k, n in FLUX_SHAPES:
         for m in (1, 7, 256, 300, 1536, 4608):
-            for x_dtype in (jnp.int8, jnp.bfloat16):
-                cfg = mg.default_config(m, n, k // layout.TILE_K, x_dtype)
+            for x_dtype, out_itemsize in itertools.product((jnp.int8, jnp.bfloat16), (2, 4)):
+                cfg = mg.default_config(m, n, k // layout.TILE_K, x_dtype, out_itemsize=out_itemsize)
                 cfg.check()
-                out_item = 4 if cfg.k_splits > 1 else 2
+                out_item = 4 if cfg.k_splits > 1 else out_itemsize
                 assert cfg.smem_bytes(jnp.dtype(x_dtype).itemsize, out_item) <= mg.SMEM_LIMIT, (m, k, n, cfg)
-                assert n % (2 * cfg.tile_n) == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
+                assert n % cfg.cta_n() == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
                 steps = (k // layout.TILE_K) // cfg.k_splits * cfg.k_steps
                 assert not cfg.chain or (steps % cfg.stages == 0 and not cfg.overlap), (m, k, n, cfg)
     # At M = 4608 the tiles fill the last wave of CTAs (144-token tiles at N = 3072: 5.8 waves, not
@@ -443,8 +455,17 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
     for k, n in FLUX_SHAPES:
         for x_dtype in (jnp.int8, jnp.bfloat16):
             cfg = mg.default_config(4608, n, k // layout.TILE_K, x_dtype)
-            waves = 4608 // cfg.tile_m * n // (2 * cfg.tile_n) / 132
+            waves = 4608 // cfg.tile_m * n // cfg.cta_n() / 132
             assert waves / -(-waves // 1) >= 0.95, (k, n, cfg, waves)
+            # Weight-only runs 3 compute warpgroups there (192-row CTAs; NOTES.md item 24), with
+            # 2 pipeline stages and an epilogue chunk that fit beside them for bf16 and fp32 output.
+            if x_dtype == jnp.bfloat16:
+                assert (cfg.compute_wgs, cfg.tile_m, cfg.stages, cfg.epi_m) == (3, 144, 2, 48), (k, n, cfg)
+                assert mg.default_config(4608, n, k // layout.TILE_K, x_dtype, out_itemsize=4).epi_m == 16
+            else:
+                assert cfg.compute_wgs == 2
+            for m in (256, 1536, 2048, 4096):                     # 3 warpgroups measured at M = 4608 only
+                assert mg.default_config(m, n, k // layout.TILE_K, x_dtype).compute_wgs == 2, (m, k, n)
             for m in (1536, 4096):
                 assert m % mg.default_config(m, n, k // layout.TILE_K, x_dtype).tile_m == 0, (m, k, n)
     # Large-M weight-only tiles chain their pipelines where the K steps divide into the stages.
@@ -641,6 +662,25 @@ def test_gpu_mosaic_144_token_tiles():
     _check_mosaic_configs(2000, 1024, 2304, 7, [
         MgpuConfig(tile_n=64, tile_m=144, stages=2, epi_m=48, overlap=False, chain=True),
         MgpuConfig(tile_n=128, tile_m=144, stages=2, epi_m=16, grid_tile_width=8)])   # f32 out: 2 stages fit
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_three_warpgroups():
+    # 192-row CTAs (the M = 4608 weight-only default): N = 2304 has 12 CTA tiles of 192 rows,
+    # M = 2000 pads to 14 tiles of 144 tokens (16 of 128), so CTAs run 1-2 tiles through chained
+    # pipelines; fp32 output needs the smaller epilogue chunks. K = 1536: 6 K-tiles, so 12 half
+    # steps chain through 3 stages, and 2 splits of 3 K-tiles.
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(2000, 1536, 2304, 11, [
+        MgpuConfig(tile_n=64, tile_m=144, stages=2, epi_m=16, overlap=False, chain=True, compute_wgs=3),
+        MgpuConfig(tile_n=64, tile_m=128, stages=2, epi_m=32, overlap=False, chain=True, compute_wgs=3),
+        MgpuConfig(tile_n=64, tile_m=144, stages=3, k_steps=2, epi_m=16, overlap=False, chain=True, compute_wgs=3),
+        MgpuConfig(tile_n=64, tile_m=144, stages=2, epi_m=16, compute_wgs=3, k_splits=2)])
+    # The defaults through ternary_matmul at M = 4608 (3 warpgroups for bf16 x), both output dtypes.
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        for activations in ("native", "int8"):
+            _check_kernel("mosaic_gpu", 4608, 3072, 3072, jnp.bfloat16, activations, interpret=False, seed=13,
+                          out_dtype=out_dtype)
 
 
 @pytest.mark.gpu
