@@ -41,7 +41,9 @@ SMEM_LIMIT = 232448   # bytes of shared memory a Hopper CTA can use
 class MgpuConfig:
     """Tile configuration. tile_n: weight rows (output features) per compute warpgroup (a
     multiple of 64); tile_m: tokens per CTA (wgmma N); stages: pipeline depth; k_splits: split-K
-    factor (partials reduced by XLA; for small M, where N/tile tiles cannot fill the GPU)."""
+    factor (for small M, where N/tile tiles cannot fill the GPU); sum_in_kernel: the last split
+    of each tile adds the other splits' fp32 partials itself (global semaphores), so no XLA sum
+    follows the kernel."""
     tile_n: int = 64
     tile_m: int = 128
     stages: int = 4
@@ -55,6 +57,8 @@ class MgpuConfig:
     chain: bool = False        # one pipeline over all of a CTA's tiles: the next tile's loads start early
     pingpong: bool = False     # the 2 compute warpgroups take turns issuing each step's wgmmas (see _build)
     compute_wgs: int = NUM_COMPUTE_WGS   # compute warpgroups per CTA (CTA rows: compute_wgs * tile_n)
+    sum_in_kernel: bool = False  # k_splits > 1: the last split sums the partials (else XLA does);
+                                 # opt-in until measured on a GPU (NOTES.md item 25)
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
@@ -80,10 +84,17 @@ class MgpuConfig:
             raise ValueError(f"compute_wgs must be 2 or 3, got {self.compute_wgs}")
         if self.pingpong and self.compute_wgs != 2:
             raise ValueError(f"pingpong takes turns between 2 compute warpgroups, got compute_wgs={self.compute_wgs}")
+        if self.sum_in_kernel and self.k_splits < 2:
+            raise ValueError(f"sum_in_kernel needs k_splits >= 2, got {self.k_splits}")
 
     def cta_n(self) -> int:
         """Weight rows (output features) per CTA."""
         return self.compute_wgs * self.tile_n
+
+    def epilogue_itemsize(self, out_itemsize: int) -> int:
+        """Bytes per element the epilogue stores through shared memory: fp32 partials where XLA
+        sums the splits, else the output's."""
+        return 4 if self.k_splits > 1 and not self.sum_in_kernel else out_itemsize
 
     def step_k(self) -> int:
         return TILE_K // self.k_steps
@@ -191,7 +202,8 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     x (mx, t_x*TILE_K) x_dtype, mx = x_rows(M) <= mp, mp = M rounded up to whole tiles; w3
     (t_w, n, SLAB) int8 with t_x a multiple of t_w (the bf16 hi/lo split of fp32 inputs repeats
     the weights); scale (n,) f32; step (mp,) f32; bias (n,) f32. Returns (mx, n) out_dtype, or
-    (k_splits, mx, n) f32 partial sums (scaled, no bias) when k_splits > 1."""
+    (k_splits, mx, n) f32 partial sums (scaled, no bias) when k_splits > 1 and not
+    cfg.sum_in_kernel."""
     x_dtype, out_dtype = jnp.dtype(x_dtype), jnp.dtype(out_dtype)
     is_int8 = x_dtype == jnp.int8
     tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
@@ -205,7 +217,8 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
         raise ValueError(f"chain needs the pipeline steps per tile ({k_per_split * cfg.k_steps}) to be a multiple "
                          f"of stages ({cfg.stages})")
     acc_dtype = jnp.int32 if is_int8 else jnp.float32
-    final_dtype = jnp.dtype(jnp.float32) if splits > 1 else out_dtype
+    fold = cfg.sum_in_kernel
+    final_dtype = jnp.dtype(jnp.float32) if splits > 1 and not fold else out_dtype
 
     x_item = x_dtype.itemsize
     step_k = cfg.step_k()
@@ -227,7 +240,12 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
         rest = list(rest)
         step_gmem = rest.pop(0) if has_step else None
         bias_gmem = rest.pop(0) if has_bias else None
-        (out_gmem,) = rest
+        out_gmem, *part_gmem = rest
+        if fold:
+            # One counter per (tile, compute warpgroup): the splits before the last each add 1 once
+            # their partial is written; the last split waits for k_splits - 1 and takes them back
+            # to 0. Pallas zero-fills these before every call.
+            sems = pl.get_global(plgpu.SemaphoreType.REGULAR((m_iters * n_iters * wgs,)))
 
         def get_pipeline(body, compute_context, k0=0, state=None):
             # Weight K-tile index wraps around: the fp32 hi/lo split repeats the weights.
@@ -312,13 +330,41 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                     y = acc.astype(jnp.float32) * lax.broadcast_in_dim(vecs.pop(0), acc.shape, [0])
                     if has_step:
                         y = y * lax.broadcast_in_dim(vecs.pop(0), acc.shape, [1])
+                    if fold:
+                        _fold_splits(y, vecs)
+                    else:
+                        _store(y, vecs)
+
+                def _fold_splits(y, vecs):
+                    # The last split is the last work item of its tile in every CTA's order (split is
+                    # the outermost index and CTAs take items in increasing order), so a CTA waiting
+                    # here has finished all its earlier splits: no wait cycle while the persistent
+                    # grid's CTAs are all resident (one per SM).
+                    sem = sems.at[(m_idx * n_iters + n_idx) * wgs + wg]
+                    part_tile = lambda s: part_gmem[0].at[s, n_sl, pl.ds(m_idx * tile_m, tile_m)]
+                    last = split == splits - 1
+
+                    @pl.when(jnp.logical_not(last))
+                    def _():
+                        part_tile(split)[...] = y       # plain stores: the release below orders them
+                        plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+
+                    @pl.when(last)
+                    def _():
+                        plgpu.semaphore_wait(sem, splits - 1, memory_scope="gpu")
+                        total = y
+                        for s in range(splits - 1):
+                            total = total + _load(part_tile(s), plgpu.Layout.WGMMA, False)
+                        _store(total, vecs)
+
+                def _store(y, vecs):
                     if has_bias:
-                        y = y + lax.broadcast_in_dim(vecs.pop(0), acc.shape, [0])
+                        y = y + lax.broadcast_in_dim(vecs.pop(0), y.shape, [0])
                     y = y.astype(final_dtype)
                     row0 = m_idx * tile_m
                     # Each split's partials are an (mx, n) slab of their own, so TMA drops the rows
                     # past mx of every split (at M = 4, 16-token tiles wrote 4x the rows read).
-                    out_ref = out_gmem.at[split] if splits > 1 else out_gmem
+                    out_ref = out_gmem.at[split] if splits > 1 and not fold else out_gmem
                     # Store y^T in chunks of epi_m tokens through 2 shared-memory slots per warpgroup.
                     for c in range(tile_m // epi_m):
                         slot = c % 2
@@ -379,14 +425,19 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_shape = (splits, mx, n) if splits > 1 else (mx, n)    # TMA drops stored rows past mx
+    out_shape = (splits, mx, n) if splits > 1 and not fold else (mx, n)    # TMA drops stored rows past mx
+    out_type = jax.ShapeDtypeStruct(out_shape, final_dtype)
+    if fold:
+        # The first k_splits - 1 splits' fp32 partials, transposed like the accumulator: whole tiles
+        # (mp tokens), written and read by plain stores and loads, never read outside the kernel.
+        out_type = (out_type, jax.ShapeDtypeStruct((splits - 1, n, mp), jnp.float32))
     cluster_kw = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     scratch = dict(out_smem=plgpu.SMEM((wgs, 2, epi_m, tile_n), final_dtype, transforms=out_transforms))
     if cfg.pingpong:
         scratch["turns"] = plgpu.Barrier(num_arrivals=1, num_barriers=wgs)
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, final_dtype),
+        out_type=out_type,
         grid=(num_sms // cluster,),
         grid_names=("sm",),
         **cluster_kw,
@@ -516,7 +567,7 @@ def with_stages(cfg: MgpuConfig, m: int, k_tiles: int, x_itemsize: int, out_item
     chained pipelines for bf16 with 2 stages where the K steps allow (see default_config)."""
     kind = "int8" if x_itemsize == 1 else "bf16"
     splits = cfg.k_splits
-    out_item = 4 if splits > 1 else out_itemsize
+    out_item = cfg.epilogue_itemsize(out_itemsize)
     cfg = dataclasses.replace(cfg, stages=2, epi_m=_epilogue_chunk(cfg.tile_n, cfg.tile_m),
                               grid_tile_width=8 if kind == "int8" else 4, overlap=False, chain=False)
 
@@ -582,7 +633,7 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     cfg = config or fit_pipeline(default_config(m, n, t_x, parts[0].dtype, num_sms(), jnp.dtype(out_dtype).itemsize),
                                  t_x)
     cfg.check()
-    out_item = 4 if cfg.k_splits > 1 else jnp.dtype(out_dtype).itemsize
+    out_item = cfg.epilogue_itemsize(jnp.dtype(out_dtype).itemsize)
     if cfg.smem_bytes(parts[0].dtype.itemsize, out_item) > SMEM_LIMIT:
         raise ValueError(f"{cfg} needs {cfg.smem_bytes(parts[0].dtype.itemsize, out_item)} bytes of shared "
                          f"memory, more than {SMEM_LIMIT}")
@@ -592,12 +643,14 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     mx = x_rows(m)
     args = kernel_operands(parts, m, k, mx, w3, scale, step, step_rows=mp)
     xs = args[0]
-    use_bias = bias is not None and cfg.k_splits == 1
+    use_bias = bias is not None and (cfg.k_splits == 1 or cfg.sum_in_kernel)
     if use_bias:
         args.append(bias.astype(jnp.float32))
     call = _build(mx, mp, n, t_w, t_x, str(xs.dtype), str(jnp.dtype(out_dtype)), step is not None, use_bias,
                   cfg, num_sms())
     out = call(*args)
-    if cfg.k_splits > 1:
+    if cfg.sum_in_kernel:
+        out = out[0]
+    elif cfg.k_splits > 1:
         return sum_split_k(out[:, :m] if mx != m else out, bias, out_dtype)
     return out[:m] if mx != m else out

@@ -398,6 +398,15 @@ def test_mosaic_gpu_lowers_odd_cases():
         MgpuConfig(overlap=True, chain=True).check()
     with pytest.raises(ValueError, match=r"chain needs the pipeline steps per tile \(3\)"):   # 3 K-tiles, 2 stages
         _lower_mgpu(4608, 768, 3072, jnp.bfloat16, config=MgpuConfig(stages=2, overlap=False, chain=True))
+    # Split-K summed in the kernel (global semaphores, fp32 partials in a second output).
+    for x_dtype, out_dtype in ((jnp.bfloat16, jnp.bfloat16), (jnp.int8, jnp.bfloat16), (jnp.float32, jnp.float32)):
+        _lower_mgpu(4, 3072, 3072, x_dtype, out_dtype=out_dtype,
+                    config=MgpuConfig(tile_m=16, stages=3, k_splits=4, sum_in_kernel=True))
+    with pytest.raises(ValueError, match="sum_in_kernel needs k_splits >= 2"):
+        MgpuConfig(sum_in_kernel=True).check()
+    # Its epilogue stores the output's dtype, not fp32 partials, through shared memory.
+    assert MgpuConfig(k_splits=2).epilogue_itemsize(2) == 4
+    assert MgpuConfig(k_splits=2, sum_in_kernel=True).epilogue_itemsize(2) == 2
 
 
 def _primitives(jaxpr) -> list[str]:
@@ -445,7 +454,7 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
             for x_dtype, out_itemsize in itertools.product((jnp.int8, jnp.bfloat16), (2, 4)):
                 cfg = mg.default_config(m, n, k // layout.TILE_K, x_dtype, out_itemsize=out_itemsize)
                 cfg.check()
-                out_item = 4 if cfg.k_splits > 1 else out_itemsize
+                out_item = cfg.epilogue_itemsize(out_itemsize)
                 assert cfg.smem_bytes(jnp.dtype(x_dtype).itemsize, out_item) <= mg.SMEM_LIMIT, (m, k, n, cfg)
                 assert n % cfg.cta_n() == 0 and (k // layout.TILE_K) % cfg.k_splits == 0
                 steps = (k // layout.TILE_K) // cfg.k_splits * cfg.k_steps
@@ -627,6 +636,20 @@ def test_gpu_mosaic_rows_past_m():
         for activations in ("native", "int8"):
             _check_kernel("mosaic_gpu", m, 3072, 21504, jnp.bfloat16, activations, interpret=False, seed=m,
                           out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_sum_in_kernel():
+    # The last split of each tile adds the others' partials (bias once, fp32 output). M = 4:
+    # one work item per CTA, 2-12 splits; 512 x 2304 with 2 splits of 64 x 64 tiles: 288 items
+    # on 132 SMs, so CTAs wait as last split after running other tiles' first splits.
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(4, 3072, 3072, 7, [
+        MgpuConfig(tile_m=16, stages=min(8, 12 // ks), k_splits=ks, overlap=ks < 12, sum_in_kernel=True)
+        for ks in (2, 3, 4, 6, 12)])
+    _check_mosaic_configs(512, 1024, 2304, 8, [
+        MgpuConfig(tile_m=64, stages=2, k_splits=2, sum_in_kernel=True),
+        MgpuConfig(tile_n=128, tile_m=128, stages=2, k_splits=2, epi_m=32, sum_in_kernel=True)])
 
 
 @pytest.mark.gpu
