@@ -58,7 +58,7 @@ class MgpuConfig:
     pingpong: bool = False     # the 2 compute warpgroups take turns issuing each step's wgmmas (see _build)
     compute_wgs: int = NUM_COMPUTE_WGS   # compute warpgroups per CTA (CTA rows: compute_wgs * tile_n)
     sum_in_kernel: bool = False  # k_splits > 1: the last split sums the partials (else XLA does);
-                                 # opt-in until measured on a GPU (NOTES.md item 25)
+                                 # off: the semaphore zero-fill costs more (NOTES.md item 25)
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
