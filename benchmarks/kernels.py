@@ -13,6 +13,7 @@ kernel.
     python3 benchmarks/kernels.py --ms 4608 --shapes 3072x3072 --sweep int8   # mosaic_gpu tiles
     python3 benchmarks/kernels.py --ms 4608 --sweep bf16 --defaults-only       # default vs its twin
     python3 benchmarks/kernels.py --ms 4 --sweep bf16 --defaults-only --sum-in-kernel  # split-K sum in kernel
+    python3 benchmarks/kernels.py --ms 4 --sweep bf16 --defaults-only --split-cluster  # split-K sum in a cluster
     MOSAIC_GPU_DUMP_TO=/tmp/d python3 benchmarks/kernels.py --once --ms 4608 --shapes 3072x3072
 
 Timing (METHOD.md): `time_op` runs the op inside a jitted fori_loop, once per distinct random
@@ -241,10 +242,11 @@ CLOCK_HEADER = " | MHz xla / wo / a8kern | W xla / wo / a8kern"
 
 
 def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_only: bool = False,
-          sum_in_kernel: bool = False) -> None:
+          sum_in_kernel: bool = False, split_cluster: bool = False) -> None:
     """Time mosaic_gpu tile configurations for one problem (weight-only bf16 or int8 kernel);
     defaults_only: just the default and its twin (see below); sum_in_kernel: at M <= 64 also the
-    default's tiles at every split count with the split-K sum inside the kernel (NOTES.md item 25)."""
+    default's tiles at every split count with the split-K sum inside the kernel (NOTES.md item 25);
+    split_cluster: likewise with each tile's splits summed in one cluster's shared memory (item 26)."""
     from pallas_kernels import mosaic_gpu as mg
     sets = n_sets(m, k, n)
     ins = make_inputs(m, k, n, sets)
@@ -332,6 +334,10 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_onl
         for ks in range(2, 13):
             if t_w % ks == 0:
                 grid.append(mg.fit_pipeline(dataclasses.replace(dflt, k_splits=ks, sum_in_kernel=True), t_w))
+    if split_cluster and m <= 64:
+        for ks in range(2, mg.MAX_CLUSTER + 1):
+            if t_w % ks == 0:
+                grid.append(mg.fit_pipeline(dataclasses.replace(dflt, k_splits=ks, split_cluster=True, cluster=1), t_w))
     for cfg in grid:
         if m % cfg.tile_m and m > cfg.tile_m:
             continue
@@ -353,7 +359,7 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_onl
         print(f"  tn={cfg.tile_n} tm={cfg.tile_m} st={cfg.stages} w={cfg.grid_tile_width} "
               f"mn={int(cfg.grid_minor_n)} ks={cfg.k_splits} ov={int(cfg.overlap)} c={cfg.cluster} "
               f"kst={cfg.k_steps} chain={int(cfg.chain)} pp={int(cfg.pingpong)} wgs={cfg.compute_wgs}"
-              f"{' sum=kernel' if cfg.sum_in_kernel else ''}"
+              f"{' sum=kernel' if cfg.sum_in_kernel else ''}{' sum=cluster' if cfg.split_cluster else ''}"
               f"{' (default)' if cfg == dflt else ''}: "
               f"{t * 1e6:8.1f} us {2 * m * k * n / t / 1e12:6.0f} TF  {base / t:5.2f}x  err {err:.1e}", flush=True)
 
@@ -371,6 +377,8 @@ def main() -> None:
                     help="with --sweep: time only each default config and its twin (ping-pong, or 2 warpgroups)")
     ap.add_argument("--sum-in-kernel", action="store_true",
                     help="with --sweep, M <= 64: also the default's tiles at every split count, summed in the kernel")
+    ap.add_argument("--split-cluster", action="store_true",
+                    help="with --sweep, M <= 64: also the default's tiles at 2-8 splits, summed in a cluster")
     ap.add_argument("--once", action="store_true", help="run each kernel once (e.g. with MOSAIC_GPU_DUMP_TO)")
     ap.add_argument("--sustain", type=float, default=0.0,
                     help="seconds of back-to-back load per op, timed in its steady power state (see time_op)")
@@ -386,7 +394,7 @@ def main() -> None:
     if a.sweep:
         for k, n in shapes:
             for m in ms:
-                sweep(m, k, n, a.sweep, a.sustain, a.defaults_only, a.sum_in_kernel)
+                sweep(m, k, n, a.sweep, a.sustain, a.defaults_only, a.sum_in_kernel, a.split_cluster)
         return
     backend = pk.choose_backend(a.backend)
     if a.once:

@@ -35,6 +35,7 @@ WG_ROWS = 64
 MAX_TILE_M = 256
 NUM_COMPUTE_WGS = 2   # the default number of compute warpgroups (MgpuConfig.compute_wgs)
 SMEM_LIMIT = 232448   # bytes of shared memory a Hopper CTA can use
+MAX_CLUSTER = 8       # CTAs per cluster that every Hopper GPU can launch (portable size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,8 @@ class MgpuConfig:
     multiple of 64); tile_m: tokens per CTA (wgmma N); stages: pipeline depth; k_splits: split-K
     factor (for small M, where N/tile tiles cannot fill the GPU); sum_in_kernel: the last split
     of each tile adds the other splits' fp32 partials itself (global semaphores), so no XLA sum
-    follows the kernel."""
+    follows the kernel; split_cluster: a tile's k_splits CTAs form one cluster and send their
+    partials to split 0's shared memory, which sums them (no XLA sum, no global semaphores)."""
     tile_n: int = 64
     tile_m: int = 128
     stages: int = 4
@@ -59,6 +61,8 @@ class MgpuConfig:
     compute_wgs: int = NUM_COMPUTE_WGS   # compute warpgroups per CTA (CTA rows: compute_wgs * tile_n)
     sum_in_kernel: bool = False  # k_splits > 1: the last split sums the partials (else XLA does);
                                  # off: the semaphore zero-fill costs more (NOTES.md item 25)
+    split_cluster: bool = False  # k_splits > 1: the splits of a tile are one cluster, summed in
+                                 # split 0's shared memory; off: slower than the XLA sum (item 26)
 
     def check(self) -> None:
         if self.tile_n % WG_ROWS or self.tile_n <= 0:
@@ -86,6 +90,12 @@ class MgpuConfig:
             raise ValueError(f"pingpong takes turns between 2 compute warpgroups, got compute_wgs={self.compute_wgs}")
         if self.sum_in_kernel and self.k_splits < 2:
             raise ValueError(f"sum_in_kernel needs k_splits >= 2, got {self.k_splits}")
+        if self.split_cluster:
+            # A portable cluster holds at most 8 CTAs; the cluster axis is taken by the splits.
+            if not 2 <= self.k_splits <= MAX_CLUSTER:
+                raise ValueError(f"split_cluster needs 2 <= k_splits <= {MAX_CLUSTER}, got {self.k_splits}")
+            if self.cluster != 1 or self.sum_in_kernel:
+                raise ValueError("split_cluster excludes cluster=2 (x multicast) and sum_in_kernel")
 
     def cta_n(self) -> int:
         """Weight rows (output features) per CTA."""
@@ -94,7 +104,11 @@ class MgpuConfig:
     def epilogue_itemsize(self, out_itemsize: int) -> int:
         """Bytes per element the epilogue stores through shared memory: fp32 partials where XLA
         sums the splits, else the output's."""
-        return 4 if self.k_splits > 1 and not self.sum_in_kernel else out_itemsize
+        return 4 if self.k_splits > 1 and not self.reduces_splits() else out_itemsize
+
+    def reduces_splits(self) -> bool:
+        """Whether the kernel itself adds the split-K partials (else an XLA sum follows)."""
+        return self.k_splits > 1 and (self.sum_in_kernel or self.split_cluster)
 
     def step_k(self) -> int:
         return TILE_K // self.k_steps
@@ -106,7 +120,8 @@ class MgpuConfig:
         """Shared memory the kernel asks for (pipeline stages + epilogue buffers + barriers)."""
         stage = self.tile_m * self.step_k() * x_itemsize + self.cta_n() * SLAB
         epi = self.compute_wgs * 2 * self.epi_rows() * self.tile_n * out_itemsize
-        return self.stages * stage + epi + 1024
+        red = (self.k_splits - 1) * self.compute_wgs * self.tile_n * self.tile_m * 4 if self.split_cluster else 0
+        return self.stages * stage + epi + red + 1024
 
 
 def _load(ref, layout, optimized: bool = True):
@@ -203,7 +218,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     (t_w, n, SLAB) int8 with t_x a multiple of t_w (the bf16 hi/lo split of fp32 inputs repeats
     the weights); scale (n,) f32; step (mp,) f32; bias (n,) f32. Returns (mx, n) out_dtype, or
     (k_splits, mx, n) f32 partial sums (scaled, no bias) when k_splits > 1 and not
-    cfg.sum_in_kernel."""
+    cfg.reduces_splits()."""
     x_dtype, out_dtype = jnp.dtype(x_dtype), jnp.dtype(out_dtype)
     is_int8 = x_dtype == jnp.int8
     tile_n, tile_m, splits = cfg.tile_n, cfg.tile_m, cfg.k_splits
@@ -218,7 +233,9 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                          f"of stages ({cfg.stages})")
     acc_dtype = jnp.int32 if is_int8 else jnp.float32
     fold = cfg.sum_in_kernel
-    final_dtype = jnp.dtype(jnp.float32) if splits > 1 and not fold else out_dtype
+    dsm = cfg.split_cluster and splits > 1
+    partials_out = splits > 1 and not cfg.reduces_splits()
+    final_dtype = jnp.dtype(jnp.float32) if partials_out else out_dtype
 
     x_item = x_dtype.itemsize
     step_k = cfg.step_k()
@@ -236,7 +253,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     epi_m = cfg.epi_rows()
     delay = 1 if cfg.overlap else 0
 
-    def kernel(x_gmem, w_gmem, s_gmem, *rest, out_smem, turns=None):
+    def kernel(x_gmem, w_gmem, s_gmem, *rest, out_smem, turns=None, red_smem=None, red_in=None, red_done=None):
         rest = list(rest)
         step_gmem = rest.pop(0) if has_step else None
         bias_gmem = rest.pop(0) if has_bias else None
@@ -297,11 +314,15 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                 pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turns.at[0]))
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[1]))
 
-            @plgpu.nd_loop((splits * m_iters * n_iters,), collective_axes="sm")
+            # With split_cluster the grid runs clusters of the k_splits CTAs of one tile.
+            @plgpu.nd_loop(((1 if dsm else splits) * m_iters * n_iters,), collective_axes="sm")
             def _loop(info):
                 (lin,) = info.index
-                split = lax.div(lin, jnp.int32(m_iters * n_iters))
-                rem = lax.rem(lin, jnp.int32(m_iters * n_iters))
+                if dsm:
+                    split, rem = lax.axis_index("split"), lin
+                else:
+                    split = lax.div(lin, jnp.int32(m_iters * n_iters))
+                    rem = lax.rem(lin, jnp.int32(m_iters * n_iters))
                 m_idx, n_idx = plgpu.planar_snake(rem, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
                                                   cfg.grid_tile_width)
                 if cluster > 1:
@@ -332,8 +353,40 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                         y = y * lax.broadcast_in_dim(vecs.pop(0), acc.shape, [1])
                     if fold:
                         _fold_splits(y, vecs)
+                    elif dsm:
+                        _gather_splits(y, vecs)
                     else:
                         _store(y, vecs)
+
+                def _gather_splits(y, vecs):
+                    # Splits 1.. of the cluster store their partial into split 0's shared memory
+                    # (st.async: the bytes land with a complete_tx on split 0's barrier for that
+                    # slot); split 0 waits for each, adds them and stores the output.
+                    # The barriers are a Python tuple (see the scratch below), hence one branch per
+                    # split and warpgroup with a static index.
+                    for s in range(1, splits):
+                        for w in range(wgs):
+                            pl.when(jnp.logical_and(split == s, wg == w))(functools.partial(
+                                plgpu.async_store_smem, y, red_smem.at[(s - 1) * wgs + w],
+                                red_in[(s - 1) * wgs + w], cluster_idx=0, cluster_dim="split"))
+
+                    @pl.when(split == 0)
+                    def _():
+                        for w in range(wgs):
+                            @pl.when(wg == w)
+                            def _(w=w):
+                                for s in range(splits - 1):
+                                    plgpu.barrier_wait(red_in[s * wgs + w])
+                        total = y
+                        for s in range(splits - 1):
+                            total = total + _load(red_smem.at[s * wgs + wg], plgpu.Layout.WGMMA)
+                        _store(total, vecs)
+
+                    # The cluster's next tile reuses the slots, and a sender must not exit while its
+                    # stores are in flight: all wait until split 0 has read them (all CTAs of a
+                    # cluster run the same tiles, so they agree on the count).
+                    plgpu.barrier_arrive(red_done)
+                    plgpu.barrier_wait(red_done)
 
                 def _fold_splits(y, vecs):
                     # The last split is the last work item of its tile in every CTA's order (split is
@@ -364,7 +417,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                     row0 = m_idx * tile_m
                     # Each split's partials are an (mx, n) slab of their own, so TMA drops the rows
                     # past mx of every split (at M = 4, 16-token tiles wrote 4x the rows read).
-                    out_ref = out_gmem.at[split] if splits > 1 and not fold else out_gmem
+                    out_ref = out_gmem.at[split] if partials_out else out_gmem
                     # Store y^T in chunks of epi_m tokens through 2 shared-memory slots per warpgroup.
                     for c in range(tile_m // epi_m):
                         slot = c % 2
@@ -425,7 +478,7 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_shape = (splits, mx, n) if splits > 1 and not fold else (mx, n)    # TMA drops stored rows past mx
+    out_shape = (splits, mx, n) if partials_out else (mx, n)    # TMA drops stored rows past mx
     out_type = jax.ShapeDtypeStruct(out_shape, final_dtype)
     if fold:
         # The first k_splits - 1 splits' fp32 partials, transposed like the accumulator: whole tiles
@@ -435,10 +488,23 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
     scratch = dict(out_smem=plgpu.SMEM((wgs, 2, epi_m, tile_n), final_dtype, transforms=out_transforms))
     if cfg.pingpong:
         scratch["turns"] = plgpu.Barrier(num_arrivals=1, num_barriers=wgs)
+    ctas_per_cluster = cluster
+    if dsm:
+        ctas_per_cluster = splits
+        cluster_kw = dict(cluster=(splits,), cluster_names=("split",))
+        # One fp32 (tile_n, tile_m) slot per sending split and warpgroup, each with its own barrier.
+        _, red_transforms = _swizzle_transforms(tile_m * 4, 4)
+        scratch["red_smem"] = plgpu.SMEM(((splits - 1) * wgs, tile_n, tile_m), jnp.float32,
+                                         transforms=red_transforms)
+        # One single barrier each, not one array: JAX's BarrierRef.remap_to_cluster (0.10-0.11)
+        # adds a barrier's offset in the array twice, so the peer's expect_tx for index i > 0
+        # lands on index 2i and the wait for i never ends (NOTES.md item 26).
+        scratch["red_in"] = tuple(plgpu.Barrier(num_arrivals=1) for _ in range((splits - 1) * wgs))
+        scratch["red_done"] = plgpu.ClusterBarrier(collective_axes=("split",), num_arrivals=wgs)
     call = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(num_sms // cluster,),
+        grid=(num_sms // ctas_per_cluster,),
         grid_names=("sm",),
         **cluster_kw,
         num_threads=wgs + 1,
@@ -643,14 +709,14 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     mx = x_rows(m)
     args = kernel_operands(parts, m, k, mx, w3, scale, step, step_rows=mp)
     xs = args[0]
-    use_bias = bias is not None and (cfg.k_splits == 1 or cfg.sum_in_kernel)
+    use_bias = bias is not None and (cfg.k_splits == 1 or cfg.reduces_splits())
     if use_bias:
         args.append(bias.astype(jnp.float32))
     call = _build(mx, mp, n, t_w, t_x, str(xs.dtype), str(jnp.dtype(out_dtype)), step is not None, use_bias,
                   cfg, num_sms())
     out = call(*args)
-    if cfg.sum_in_kernel:
+    if cfg.sum_in_kernel and cfg.k_splits > 1:
         out = out[0]
-    elif cfg.k_splits > 1:
+    elif cfg.k_splits > 1 and not cfg.split_cluster:
         return sum_split_k(out[:, :m] if mx != m else out, bias, out_dtype)
     return out[:m] if mx != m else out

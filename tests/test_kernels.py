@@ -407,6 +407,21 @@ def test_mosaic_gpu_lowers_odd_cases():
     # Its epilogue stores the output's dtype, not fp32 partials, through shared memory.
     assert MgpuConfig(k_splits=2).epilogue_itemsize(2) == 4
     assert MgpuConfig(k_splits=2, sum_in_kernel=True).epilogue_itemsize(2) == 2
+    # Split-K summed in a cluster: the splits of a tile send their partials to split 0's shared memory.
+    for x_dtype, out_dtype in ((jnp.bfloat16, jnp.bfloat16), (jnp.int8, jnp.bfloat16), (jnp.float32, jnp.float32)):
+        _lower_mgpu(4, 3072, 3072, x_dtype, out_dtype=out_dtype,
+                    config=MgpuConfig(tile_m=16, stages=3, k_splits=4, split_cluster=True))
+    _lower_mgpu(50, 3072, 18432, jnp.bfloat16, config=MgpuConfig(tile_m=64, stages=3, k_splits=3, split_cluster=True))
+    for bad, msg in ((dict(split_cluster=True), "split_cluster needs 2 <= k_splits <= 8"),
+                     (dict(k_splits=12, split_cluster=True), "split_cluster needs 2 <= k_splits <= 8"),
+                     (dict(k_splits=2, split_cluster=True, cluster=2), "split_cluster excludes"),
+                     (dict(k_splits=2, split_cluster=True, sum_in_kernel=True), "split_cluster excludes")):
+        with pytest.raises(ValueError, match=msg):
+            MgpuConfig(**bad).check()
+    cfg = MgpuConfig(tile_m=16, k_splits=4, split_cluster=True)
+    assert cfg.epilogue_itemsize(2) == 2 and cfg.reduces_splits()
+    # Its 3 slots per warpgroup of 64 x 16 fp32 partials count against shared memory.
+    assert cfg.smem_bytes(2, 2) - MgpuConfig(tile_m=16, k_splits=4).smem_bytes(2, 2) == 3 * 2 * 64 * 16 * 4
 
 
 def _primitives(jaxpr) -> list[str]:
@@ -650,6 +665,20 @@ def test_gpu_mosaic_sum_in_kernel():
     _check_mosaic_configs(512, 1024, 2304, 8, [
         MgpuConfig(tile_m=64, stages=2, k_splits=2, sum_in_kernel=True),
         MgpuConfig(tile_n=128, tile_m=128, stages=2, k_splits=2, epi_m=32, sum_in_kernel=True)])
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_split_cluster():
+    # Split-K summed in split 0's shared memory (bias once, fp32 output). M = 4: 2-6 splits, one
+    # tile per cluster; 3072 -> 18432: 144 tiles on 132 // 4 clusters, so each cluster reuses its
+    # slots for several tiles; M = 50: 64-token tiles; 128-row warpgroup tiles.
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(4, 3072, 3072, 9, [
+        MgpuConfig(tile_m=16, stages=min(8, 12 // ks), k_splits=ks, split_cluster=True) for ks in (2, 3, 4, 6)])
+    _check_mosaic_configs(4, 3072, 18432, 10, [MgpuConfig(tile_m=16, stages=3, k_splits=4, split_cluster=True)])
+    _check_mosaic_configs(50, 1024, 2304, 11, [
+        MgpuConfig(tile_m=64, stages=2, k_splits=2, split_cluster=True),
+        MgpuConfig(tile_n=128, tile_m=64, stages=2, k_splits=2, epi_m=32, overlap=False, split_cluster=True)])
 
 
 @pytest.mark.gpu
