@@ -715,8 +715,8 @@ def ternary_matmul_mgpu(x2d: jax.Array, w_packed: jax.Array, scale: jax.Array, *
     call = _build(mx, mp, n, t_w, t_x, str(xs.dtype), str(jnp.dtype(out_dtype)), step is not None, use_bias,
                   cfg, num_sms())
     out = call(*args)
-    if cfg.sum_in_kernel and cfg.k_splits > 1:
+    if cfg.sum_in_kernel:
         out = out[0]
-    elif cfg.k_splits > 1 and not cfg.split_cluster:
+    elif cfg.k_splits > 1 and not cfg.reduces_splits():
         return sum_split_k(out[:, :m] if mx != m else out, bias, out_dtype)
     return out[:m] if mx != m else out
