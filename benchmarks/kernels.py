@@ -14,6 +14,7 @@ kernel.
     python3 benchmarks/kernels.py --ms 4608 --sweep bf16 --defaults-only       # default vs its twin
     python3 benchmarks/kernels.py --ms 4 --sweep bf16 --defaults-only --sum-in-kernel  # split-K sum in kernel
     python3 benchmarks/kernels.py --ms 4 --sweep bf16 --defaults-only --split-cluster  # split-K sum in a cluster
+    python3 benchmarks/kernels.py --ms 4 --shapes 3072x3072 --timeline    # each op's kernels, us
     MOSAIC_GPU_DUMP_TO=/tmp/d python3 benchmarks/kernels.py --once --ms 4608 --shapes 3072x3072
 
 Timing (METHOD.md): `time_op` runs the op inside a jitted fori_loop, once per distinct random
@@ -108,6 +109,39 @@ def time_op(fn, arg_sets, samples: int = 5, reps: tuple[int, int] = (1, 3), sust
     return max(d_hi - d_lo, 1e-9) / ((hi - lo) * len(arg_sets))
 
 
+def kernel_times(fn, arg_sets) -> list[tuple[str, float, float]]:
+    """The GPU kernels one call of fn runs: (name, launches per call, median us), from a
+    jax.profiler trace of a short time_op run (empty where the trace has no GPU timeline, e.g. on
+    CPU). This splits an op into its pieces (a kernel and an XLA sum of split-K partials, cuBLAS's
+    or Triton's own split-K reduction) with the launch gaps left out."""
+    import glob
+    import tempfile
+    time_op(fn, arg_sets, samples=1, reps=(1, 2))               # compile outside the trace
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        time_op(fn, arg_sets, samples=1, reps=(1, 2))
+        jax.profiler.stop_trace()
+        path, = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        profile = jax.profiler.ProfileData.from_file(path)
+        # time_op(samples=1, reps=(1, 2)) runs 1 + 1 + 2 loop iterations, each one call per set.
+        return summarize_kernels(profile.planes, calls=4 * len(arg_sets))
+
+
+def summarize_kernels(planes, calls: int) -> list[tuple[str, float, float]]:
+    """(name, count / calls, median duration us) of the GPU planes' events, most frequent first;
+    the few events that come fewer than once per call (the loop's own copies and compares) are
+    left out. `calls`: how many calls of the op the trace holds."""
+    durations: dict[str, list[float]] = {}
+    for plane in planes:
+        if "GPU" not in plane.name:
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                durations.setdefault(e.name, []).append(e.duration_ns / 1e3)
+    rows = [(name, len(d) / calls, statistics.median(d)) for name, d in durations.items() if len(d) >= calls]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 class ClockSampler:
     """SM clock and board power sampled by `nvidia-smi` every 100 ms in a background thread."""
 
@@ -164,7 +198,7 @@ def n_sets(m: int, k: int, n: int) -> int:
 
 def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: bool = True,
                 xla_path: bool = False, sustain: float = 0.0, clocks: ClockSampler | None = None,
-                requested: str | None = None) -> dict:
+                requested: str | None = None, timeline: bool = False) -> dict:
     """requested: the backend argument passed to ternary_matmul ("auto" keeps its per-call choice,
     e.g. the GEMV at M = 1); backend: what it resolves to. The W1.58A8 kernel-only timing runs
     the kernel `requested` picks for int8 activations at this M."""
@@ -176,6 +210,8 @@ def bench_shape(m: int, k: int, n: int, backend: str, check: bool, kernel_only: 
     def timed(key, fn, args):
         window: list = []
         res[key] = time_op(fn, args, sustain=sustain, window=window)
+        if timeline:
+            res[key + "_kernels"] = kernel_times(fn, args)
         if clocks is not None:
             res[key + "_mhz"], res[key + "_w"] = clocks.mean(*window[0])
 
@@ -383,6 +419,8 @@ def main() -> None:
     ap.add_argument("--sustain", type=float, default=0.0,
                     help="seconds of back-to-back load per op, timed in its steady power state (see time_op)")
     ap.add_argument("--clocks", action="store_true", help="report mean SM clock and power per op (nvidia-smi)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also list each op's GPU kernels: launches per call, median us (jax.profiler)")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
     check_ms = {int(v) for v in a.check_ms.split(",") if v}
@@ -414,9 +452,13 @@ def main() -> None:
     for k, n in shapes:
         for m in ms:
             r = bench_shape(m, k, n, backend, check=not a.no_check and m in check_ms, xla_path=a.xla_path,
-                            sustain=a.sustain, clocks=clocks, requested=a.backend)
+                            sustain=a.sustain, clocks=clocks, requested=a.backend, timeline=a.timeline)
             rows.append(r)
             print(fmt_row(r), flush=True)
+            for key in ("xla", "wo", "a8", "a8k", "q"):
+                if key + "_kernels" in r:
+                    print(f"      {key:>3} kernels: " + (" + ".join(
+                        f"{name[:40]} {per:g}x{us:.2f}" for name, per, us in r[key + "_kernels"]) or "(no GPU timeline)"))
 
 
 if __name__ == "__main__":

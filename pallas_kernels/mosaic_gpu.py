@@ -586,8 +586,8 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
 
     M <= 64: 64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K: where N has
     fewer tiles than there are SMs, as many splits as one round of CTAs holds (so that enough
-    CTAs stream the weights); where it has more, the fewest that fill the last round >= 85 %, if
-    their fp32 partials are small next to the weights (NOTES.md items 21-22)."""
+    CTAs stream the weights); where it has more, the count whose rounds of CTAs are fullest (at
+    least 85 %), if their fp32 partials are small next to the weights (NOTES.md items 21-22, 28)."""
     x_item = jnp.dtype(x_dtype).itemsize
     kind = "int8" if x_item == 1 else "bf16"
     if m > _SMALL_M:
@@ -615,9 +615,14 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
         tiles = n // (NUM_COMPUTE_WGS * tile_n)
         ks_all = [ks for ks in range(2, k_tiles // 3 + 1) if k_tiles % ks == 0]   # >= 3 K-tiles each
         if tiles > sms:
-            # More tiles than SMs: the second round of CTAs would run mostly empty.
-            splits = min((ks for ks in ks_all if round_fill(tiles * ks, sms) >= _SMALL_M_FILL
-                          and ks * x_rows(m) * 4 <= _SMALL_M_PARTIAL_SHARE * k_tiles * SLAB), default=1)
+            # More tiles than SMs: the last round of CTAs would run mostly empty. The split count
+            # (>= 2 K-tiles each) whose rounds are fullest, fewer on a tie, while the partials
+            # stay small (H100, NOTES.md item 28: 3072 -> 18432 at M = 4, 6 splits 19.4-19.6 us
+            # against 20.4-20.6 for 4; 3072 -> 21504 keeps 3, as full as 6 and faster, item 21).
+            fits = [ks for ks in range(2, k_tiles // 2 + 1) if k_tiles % ks == 0
+                    and round_fill(tiles * ks, sms) >= _SMALL_M_FILL
+                    and ks * x_rows(m) * 4 <= _SMALL_M_PARTIAL_SHARE * k_tiles * SLAB]
+            splits = max(fits, key=lambda ks: (round_fill(tiles * ks, sms), -ks), default=1)
         else:
             # Fewer: as many CTAs stream the weights as one round holds (NOTES.md item 22: at
             # M = 4 and 50, 12-24 % less time than 2 or 4 splits, although at M = 50 the

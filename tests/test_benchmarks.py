@@ -95,6 +95,23 @@ def test_kernels_time_op_sustained():
     (t0, t1), = window
     assert t1 - t0 >= 0.4                      # the timed phase is the last 2/3 of the load
     assert 0 < t_small < t_big / 20            # 1728x the flops
+    # The same input set twice per iteration: two calls, neither merged (CSE) nor dropped.
+    t_twice = kernels.time_op(lambda a: a @ a, big * 2, sustain=0.6)
+    assert 0.6 < t_twice / t_big < 1.6, (t_twice, t_big)
+
+
+def test_kernels_summarize_kernels():
+    from types import SimpleNamespace as NS
+    kernels = _bench("kernels")
+    ev = lambda name, us: NS(name=name, duration_ns=us * 1e3)
+    gpu = NS(name="/device:GPU:0", lines=[
+        NS(name="Stream #14", events=[ev("mosaic", 4.0), ev("sum", 1.0), ev("mosaic", 5.0), ev("sum", 1.5),
+                                      ev("mosaic", 6.0), ev("sum", 2.0), ev("sum", 2.5), ev("memcpy", 9.0)]),
+        NS(name="Stream #15", events=[ev("sum", 3.0), ev("sum", 3.5)])])
+    host = NS(name="/host:CPU", lines=[NS(name="python", events=[ev("mosaic", 1.0)] * 9)])
+    rows = kernels.summarize_kernels([host, gpu], calls=3)
+    # sum: 6 events over 3 calls, median of 1.0-3.5; mosaic: 3 (GPU plane only); memcpy: < once a call
+    assert rows == [("sum", 2.0, 2.25), ("mosaic", 1.0, 5.0)]
 
 
 def test_kernels_table_on_cpu():

@@ -507,6 +507,11 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
                 assert cfg.k_splits > 1 and items / (-(-items // 132) * 132) >= 0.85, (m, n, cfg)
             for m in (16, 50, 64):
                 assert mg.default_config(m, n, 12, x_dtype).k_splits == 1, (m, n)
+    # Of the split counts that fill it, the fullest rounds (H100, NOTES.md item 28): 6 at N = 18432
+    # (93.5 % full, against 87 % for 4); 3 at N = 21504 (as full as 6, and fewer partials).
+    assert mg.default_config(4, 18432, 12, jnp.bfloat16).k_splits == 6
+    assert mg.default_config(4, 21504, 12, jnp.bfloat16).k_splits == 3
+    assert mg.default_config(8, 18432, 12, jnp.bfloat16).k_splits == 4      # 6 would make partials too big
     # Small M with fewer weight tiles than SMs (N = 3072: 24): as many splits as one round of CTAs
     # holds, >= 3 K-tiles each (H100, NOTES.md item 22: 3072 -> 3072 at M = 4 6.3 us with 4 splits
     # against 8.3 with 2; 15360 -> 3072 12.5 us with 5 against 14.3 with 4).
