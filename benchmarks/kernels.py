@@ -116,15 +116,17 @@ def kernel_times(fn, arg_sets) -> list[tuple[str, float, float]]:
     or Triton's own split-K reduction) with the launch gaps left out."""
     import glob
     import tempfile
-    time_op(fn, arg_sets, samples=1, reps=(1, 2))               # compile outside the trace
+    lo, hi = 1, 2
+    time_op(fn, arg_sets, samples=1, reps=(lo, hi))             # compile outside the trace
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
-        time_op(fn, arg_sets, samples=1, reps=(1, 2))
+        time_op(fn, arg_sets, samples=1, reps=(lo, hi))
         jax.profiler.stop_trace()
         path, = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         profile = jax.profiler.ProfileData.from_file(path)
-        # time_op(samples=1, reps=(1, 2)) runs 1 + 1 + 2 loop iterations, each one call per set.
-        return summarize_kernels(profile.planes, calls=4 * len(arg_sets))
+        # With samples=1, time_op runs lo (its compile call) + lo + hi loop iterations, each
+        # calling fn once per input set.
+        return summarize_kernels(profile.planes, calls=(2 * lo + hi) * len(arg_sets))
 
 
 def summarize_kernels(planes, calls: int) -> list[tuple[str, float, float]]:
