@@ -307,8 +307,8 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_onl
         # Split-K factors (CTAs per output tile: how many SMs stream the weights, and how evenly
         # the last round of the persistent grid fills), and chained pipelines across a CTA's
         # items (the next item's loads start during this one's epilogue).
-        tm = max(16, -(-m // 16) * 16)
         x_item = 1 if dtype == "int8" else 2
+        tm = mg.small_m_tile(m, x_item)
         grid = [mg.fit_pipeline(mg.with_stages(c(tile_n=64, tile_m=tm, k_splits=ks), m, t_w, x_item), t_w)
                 for ks in range(1, 13) if t_w % ks == 0]
         grid += [c(tile_n=64, tile_m=tm, stages=4, k_splits=ks, k_steps=4, overlap=False, chain=True)

@@ -139,7 +139,8 @@ def _swizzle_transforms(minor_bytes: int, itemsize: int) -> tuple[int, tuple]:
 # --- unpacking one 2-bit plane into a wgmma A operand ------------------------------------------
 # Codes are w + 1 in {0, 1, 2} (layout.py). int8: per 32-bit register of 4 packed bytes,
 #   t = (r >> 2p) & 0x03030303;  w = (t + 0x7f7f7f7f) ^ 0x80808080   (bytewise t - 1, no carries)
-# bf16: 0x4300 | c is the bf16 number 128 + c, so (0x4300 | c) - 129 = c - 1 exactly.
+# bf16: each packed byte b goes once into a half 0x4300 | b (_spread_bf16); per plane a mask and
+# one exact bf16 FMA make c - 1 (_plane_bf16).
 
 
 def _plane_i8(packed, p: int):
@@ -167,34 +168,65 @@ def _plane_i8(packed, p: int):
     return unpack(packed)
 
 
-def _plane_bf16(packed, p: int):
+def _spread_bf16(packed):
+    """Each packed byte b (the 4 planes' codes of one K position) into the low byte of a bf16
+    half 0x4300 | b: one byte permute per 2 weights, shared by the 4 planes (_plane_bf16)."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
+    from jax._src.lib.mlir.dialects import arith
 
     layout = plgpu.Layout.WGMMA
 
     @plgpu.inline_mgpu(arg_types=(layout,),
                        return_type=plgpu.ShapeDtypeStruct(packed.shape, jnp.bfloat16, layout))
-    def unpack(_, fa):
+    def spread(_, fa):
         i16 = ir.IntegerType.get_signless(16)
         i32 = ir.IntegerType.get_signless(32)
-        bf16 = ir.BF16Type.get()
-        vec_ty = ir.VectorType.get((2,), bf16)
+        vec_ty = ir.VectorType.get((2,), ir.BF16Type.get())
         c = lambda v: arith.constant(i32, v)
-        offset = vector.broadcast(vec_ty, arith.constant(bf16, 129.0))
         regs = np.empty_like(fa.registers)
         for idx, reg in np.ndenumerate(fa.registers):   # reg: vector<2xi8>, two consecutive k
             r = arith.extui(i32, mgpu.utils.bitcast(reg, i16))
-            if p:
-                r = arith.shrui(r, c(2 * p))
-            r = arith.andi(r, c(0x0303))
-            # bytes [c0, c1, 0, 0] + 0x43 -> halves (0x4300 | c0, 0x4300 | c1)
-            r = mgpu.utils.prmt(r, c(0x43), c(0x4140))
-            regs[idx] = arith.subf(mgpu.utils.bitcast(r, vec_ty), offset)
+            # bytes [b0, b1, 0, 0] -> [b0, 0x43, b1, 0x43]
+            regs[idx] = mgpu.utils.bitcast(mgpu.utils.prmt(r, c(0x43), c(0x4140)), vec_ty)
         return mgpu.FragmentedArray(_registers=regs, _layout=fa.layout, _is_signed=None)
 
-    return unpack(packed)
+    return spread(packed)
+
+
+def plane_bf16_constants(p: int) -> tuple[int, int, int]:
+    """(mask, multiplier, addend) of _plane_bf16 for plane p, as 32-bit words of two bf16 halves."""
+    bits = lambda v: int(np.array(v, dtype=jnp.bfloat16).view(np.uint16))
+    half = lambda b: b | (b << 16)
+    return half(0x4300 | (3 << 2 * p)), half(bits(4.0 ** -p)), half(bits(-(128 * 4.0 ** -p + 1)))
+
+
+def _plane_bf16(spread, p: int):
+    """Plane p's weights c - 1 from _spread_bf16's halves 0x4300 | b: masking keeps 0x43 and the
+    code's bits, 0x4300 | (c << 2p), which is the bf16 number 128 + c 4^p (for p = 3, c = 2 the
+    mantissa carries into the exponent: 0x4380 = 256, still 128 + 128; codes are 0-2 only). One
+    exact bf16 FMA, x 4^-p - (128 4^-p + 1), makes c - 1: two instructions per 2 weights, where
+    shift, and, prmt and subtract took four (NOTES.md item 29)."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+
+    layout = plgpu.Layout.WGMMA
+    mask, mul, add = plane_bf16_constants(p)
+
+    @plgpu.inline_mgpu(arg_types=(layout,),
+                       return_type=plgpu.ShapeDtypeStruct(spread.shape, jnp.bfloat16, layout))
+    def unpack(_, fa):
+        i32 = ir.IntegerType.get_signless(32)
+        c = lambda v: arith.constant(i32, v - (1 << 32) if v >= 1 << 31 else v)
+        regs = np.empty_like(fa.registers)
+        for idx, reg in np.ndenumerate(fa.registers):
+            r = arith.andi(mgpu.utils.bitcast(reg, i32), c(mask))
+            r = llvm.inline_asm(i32, [r, c(mul), c(add)], "fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r")
+            regs[idx] = mgpu.utils.bitcast(r, reg.type)
+        return mgpu.FragmentedArray(_registers=regs, _layout=fa.layout, _is_signed=None)
+
+    return unpack(spread)
 
 
 # --- the kernel --------------------------------------------------------------------------------
@@ -432,6 +464,8 @@ def _build(mx: int, mp: int, n: int, t_w: int, t_x: int, x_dtype: str, out_dtype
                 def planes(first, w_smem, x_smem, acc_ref):
                     w_ref = w_smem.at[pl.ds(wg * tile_n, tile_n)]
                     packed = _load(w_ref, w_layout)
+                    if not is_int8:
+                        packed = _spread_bf16(packed)
                     for i in range(planes_per_step):
                         p = first + i
                         # Plain jnp shifts on int8 arrays do not lower (Mosaic GPU has no 8-bit
@@ -572,6 +606,13 @@ def _epilogue_chunk(tile_n: int, tile_m: int) -> int:
     return 8
 
 
+def small_m_tile(m: int, x_itemsize: int = 2) -> int:
+    """Tokens per CTA tile at M <= 64: M rounded up to a multiple of 16, or for bf16 x up to M = 8
+    the smallest wgmma N, 8 (H100, NOTES.md item 29: 3-10 % less time than 16-token tiles at
+    M = 4; not measured for int8 x, which keeps 16)."""
+    return 8 if m <= 8 and x_itemsize > 1 else -(-m // 16) * 16
+
+
 def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, out_itemsize: int = 2) -> MgpuConfig:
     """A tile configuration for an (m, n, k) problem (measured choices; see NOTES.md).
 
@@ -584,7 +625,7 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
     a CTA's tiles where the K steps allow (measured +2-4 % at K = 3072, NOTES.md item 15). bf16
     above M = 2048 may take 3 compute warpgroups (192-row CTAs; NOTES.md item 24).
 
-    M <= 64: 64-row warpgroup tiles, 16-token tiles, deep pipelines and split-K: where N has
+    M <= 64: 64-row warpgroup tiles, 8- or 16-token tiles, deep pipelines and split-K: where N has
     fewer tiles than there are SMs, as many splits as one round of CTAs holds (so that enough
     CTAs stream the weights); where it has more, the count whose rounds of CTAs are fullest (at
     least 85 %), if their fp32 partials are small next to the weights (NOTES.md items 21-22, 28)."""
@@ -611,7 +652,7 @@ def default_config(m: int, n: int, k_tiles: int, x_dtype: Any, sms: int = 132, o
                     best = (t, tile_n, tile_m, wgs, splits)
         _, tile_n, tile_m, wgs, splits = best
     else:
-        tile_m, tile_n, wgs = max(16, -(-m // 16) * 16), 64, NUM_COMPUTE_WGS
+        tile_m, tile_n, wgs = small_m_tile(m, x_item), 64, NUM_COMPUTE_WGS
         tiles = n // (NUM_COMPUTE_WGS * tile_n)
         ks_all = [ks for ks in range(2, k_tiles // 3 + 1) if k_tiles % ks == 0]   # >= 3 K-tiles each
         if tiles > sms:

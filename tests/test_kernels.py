@@ -366,9 +366,28 @@ def test_mosaic_gpu_lowers_for_flux_shapes(k, n):
             _lower_mgpu(m, k, n, x_dtype)
 
 
+def test_mosaic_bf16_unpack_constants():
+    # _plane_bf16's bit recipe, emulated in numpy on every byte of valid codes (0-2, layout.py):
+    # the mask keeps 0x43 and plane p's code bits of 0x4300 | byte, and one rounded bf16 fma
+    # (exact here) gives code - 1.
+    import ml_dtypes
+    from pallas_kernels import mosaic_gpu as mg
+    byte = np.arange(256, dtype=np.uint32)
+    byte = byte[np.all([(byte >> (2 * p)) & 3 < 3 for p in range(4)], axis=0)]
+    assert len(byte) == 81
+    for p in range(4):
+        mask, mul, add = mg.plane_bf16_constants(p)
+        assert mask >> 16 == mask & 0xFFFF and mul >> 16 == mul & 0xFFFF and add >> 16 == add & 0xFFFF
+        half = ((0x4300 | byte) & (mask & 0xFFFF)).astype(np.uint16).view(ml_dtypes.bfloat16)
+        as_f32 = lambda b: np.array(b, np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+        got = (half.astype(np.float64) * as_f32(mul & 0xFFFF) + as_f32(add & 0xFFFF)).astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(got.astype(np.float32), ((byte >> (2 * p)) & 3).astype(np.float32) - 1)
+
+
 def test_mosaic_gpu_lowers_odd_cases():
     from pallas_kernels.mosaic_gpu import MgpuConfig
     _lower_mgpu(7, 600, 256, jnp.float32, out_dtype=jnp.float32)          # K % TILE_K != 0, fp32 split
+    _lower_mgpu(8, 1024, 512, jnp.int8, config=MgpuConfig(tile_m=8, stages=4, k_steps=2))   # 8-token tiles
     _lower_mgpu(33, 512, 128, jnp.int8, bias=False, config=MgpuConfig(tile_m=64, k_splits=2))
     _lower_mgpu(256, 1024, 512, jnp.bfloat16, config=MgpuConfig(tile_n=128, tile_m=128, stages=2))
     _lower_mgpu(300, 768, 256, jnp.bfloat16, config=MgpuConfig(tile_n=64, tile_m=128, stages=4, k_steps=2))
@@ -519,6 +538,13 @@ def test_mosaic_gpu_default_configs_fit_shared_memory():
         assert mg.default_config(m, 3072, 12, jnp.bfloat16).k_splits == 4, m
         assert mg.default_config(m, 3072, 60, jnp.bfloat16).k_splits == 5, m
         assert mg.default_config(m, 3072, 48, jnp.int8).k_splits == 4, m
+    # bf16 x up to M = 8 takes 8-token tiles (H100, NOTES.md item 29: 3-10 % faster at M = 4); int8 x
+    # (unmeasured at 8) and larger M keep multiples of 16.
+    for m in (1, 4, 8):
+        assert mg.default_config(m, 3072, 12, jnp.bfloat16).tile_m == 8, m
+        assert mg.default_config(m, 3072, 12, jnp.int8).tile_m == 16, m
+    assert mg.default_config(9, 3072, 12, jnp.bfloat16).tile_m == 16
+    assert mg.default_config(50, 3072, 12, jnp.bfloat16).tile_m == 64
     # bf16 at M = 256 (H100 sweep, NOTES.md item 21): 128-token tiles at N = 9216 and 12288 (37-38 us
     # against 44 for 64-token ones), split-K 5 at 15360 -> 3072 (46 us against 59); 3072 -> 3072
     # keeps 64-token tiles (14 us against 20).
@@ -656,6 +682,28 @@ def test_gpu_mosaic_rows_past_m():
         for activations in ("native", "int8"):
             _check_kernel("mosaic_gpu", m, 3072, 21504, jnp.bfloat16, activations, interpret=False, seed=m,
                           out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", FLUX_SHAPES)
+def test_gpu_mosaic_m4_defaults(k, n):
+    # The small-M defaults (split counts by the round-fill rule, e.g. 6 splits at 3072 -> 18432)
+    # at M = 4 on every FLUX shape, both activation kinds, fp32 and bf16 output.
+    if "mosaic_gpu" not in _gpu_backends():
+        pytest.skip("needs a Hopper GPU")
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        _check_kernel("mosaic_gpu", 4, k, n, jnp.bfloat16, "native", interpret=False, seed=k + n, out_dtype=out_dtype)
+    _check_kernel("mosaic_gpu", 4, k, n, jnp.bfloat16, "int8", interpret=False, seed=n, out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_8_token_tiles():
+    # 8-token tiles (the M <= 8 default), split and not, with pipeline steps of 1 or 2 planes.
+    from pallas_kernels.mosaic_gpu import MgpuConfig
+    _check_mosaic_configs(4, 3072, 3072, 12, [MgpuConfig(tile_m=8, stages=3, k_splits=ks) for ks in (1, 4)])
+    _check_mosaic_configs(8, 1024, 512, 13, [
+        MgpuConfig(tile_m=8, stages=4), MgpuConfig(tile_m=8, stages=4, k_steps=2),
+        MgpuConfig(tile_m=8, stages=2, k_splits=2, overlap=False)])
 
 
 @pytest.mark.gpu
