@@ -19,7 +19,8 @@ column n); unpack, slice, repack instead. Slicing whole K-tiles (rows t*SLAB .. 
 
 Why w + 1: the offset code makes the unpack affine, so kernels turn 4 codes in a 32-bit register
 into 4 int8 weights with shift, and, add, xor (no carries between bytes), and into bf16 with
-a mask and one fused multiply-add per plane (0x4300 | (c << 2p) is the bf16 number 128 + c 4^p).
+one byte permute shared by the 4 planes, then a mask and one fused multiply-add per plane
+(0x4300 | (c << 2p) is the bf16 number 128 + c 4^p).
 
 Padding rule: K is zero-padded up to a multiple of TILE_K (weights 0, code 1: contribute nothing).
 K_pad = ceil(K / TILE_K) * TILE_K; callers pass the true K (x's last axis) to slice it off.
