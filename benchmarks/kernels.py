@@ -338,6 +338,10 @@ def sweep(m: int, k: int, n: int, dtype: str, sustain: float = 0.0, defaults_onl
         grid += [c(tile_n=128, tile_m=128, stages=6, epi_m=32, grid_tile_width=8, k_steps=2),
                  c(tile_n=64, tile_m=128, stages=8, grid_tile_width=8, k_steps=2),
                  c(tile_n=128, tile_m=192, stages=4, epi_m=32, grid_tile_width=8, k_steps=2)]
+        # 3 compute warpgroups (NOTES.md item 24 measured them for bf16; Open: not yet for int8)
+        grid += [c(tile_n=64, tile_m=144, stages=3, epi_m=48, grid_tile_width=8, compute_wgs=3),
+                 c(tile_n=64, tile_m=128, stages=4, grid_tile_width=8, compute_wgs=3),
+                 c(tile_n=128, tile_m=128, stages=3, epi_m=32, grid_tile_width=8, compute_wgs=3)]
     else:
         grid = [c(tile_n=64, tile_m=128, stages=2, overlap=False),
                 c(tile_n=64, tile_m=128, stages=2, overlap=False, chain=True),

@@ -407,6 +407,8 @@ def test_mosaic_gpu_lowers_odd_cases():
         _lower_mgpu(4608, 3072, 3072, jnp.bfloat16, config=MgpuConfig(
             tile_m=tile_m, stages=2, epi_m=epi_m, overlap=False, chain=True, compute_wgs=3))
     _lower_mgpu(300, 1024, 384, jnp.int8, config=MgpuConfig(tile_m=144, stages=3, epi_m=48, compute_wgs=3))
+    _lower_mgpu(4608, 3072, 3072, jnp.int8, config=MgpuConfig(    # 384-row CTAs (the int8 sweep)
+        tile_n=128, tile_m=128, stages=3, epi_m=32, grid_tile_width=8, compute_wgs=3))
     with pytest.raises(ValueError, match="tiling does not divide"):    # 640 % 192 != 0
         _lower_mgpu(300, 1024, 640, jnp.bfloat16, config=MgpuConfig(tile_m=144, stages=2, compute_wgs=3))
     for bad, msg in ((dict(compute_wgs=1), "compute_wgs"), (dict(compute_wgs=4), "compute_wgs"),
@@ -786,6 +788,28 @@ def test_gpu_mosaic_three_warpgroups():
         for activations in ("native", "int8"):
             _check_kernel("mosaic_gpu", 4608, 3072, 3072, jnp.bfloat16, activations, interpret=False, seed=13,
                           out_dtype=out_dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_int8_three_warpgroups():
+    # W1.58A8 on 3 compute warpgroups with the stages with_stages fits (3-4 with one wgmma group
+    # in flight, 2 without where fp32 output leaves less room), 64- and 128-row warpgroup tiles
+    # (192- and 384-row CTAs; N = 2304 has 12 / 6), 144- and 128-token tiles over M = 2000 (a
+    # partial last tile), both output dtypes.
+    if "mosaic_gpu" not in _gpu_backends():
+        pytest.skip("needs a Hopper GPU")
+    from pallas_kernels.mosaic_gpu import MgpuConfig, fit_pipeline, ternary_matmul_mgpu, with_stages
+    m, k, n = 2000, 1536, 2304
+    x, w, scale, b = problem(m, k, n, seed=17)
+    wp = pk.pack_ternary(jnp.asarray(w))
+    codes, step = pk.quantize_activations(x)
+    ref8 = pk.ternary_matmul_a8_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
+    for tile_n, tile_m in ((64, 144), (64, 128), (128, 128)):
+        for out_dtype in (jnp.float32, jnp.bfloat16):
+            cfg = fit_pipeline(with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, compute_wgs=3), m, k // 256, 1,
+                                           jnp.dtype(out_dtype).itemsize), k // 256)
+            got = ternary_matmul_mgpu(codes, wp, scale, step=step, bias=b, out_dtype=out_dtype, config=cfg)
+            assert rel(got, ref8) < (1e-5 if out_dtype == jnp.float32 else 4e-3), cfg
 
 
 @pytest.mark.gpu
