@@ -806,8 +806,8 @@ def test_gpu_mosaic_int8_three_warpgroups():
     ref8 = pk.ternary_matmul_a8_ref(x, wp, scale, bias=b, out_dtype=jnp.float32)
     for tile_n, tile_m in ((64, 144), (64, 128), (128, 128)):
         for out_dtype in (jnp.float32, jnp.bfloat16):
-            cfg = fit_pipeline(with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, compute_wgs=3), m, k // 256, 1,
-                                           jnp.dtype(out_dtype).itemsize), k // 256)
+            cfg = fit_pipeline(with_stages(MgpuConfig(tile_n=tile_n, tile_m=tile_m, compute_wgs=3), m, k // pk.TILE_K, 1,
+                                           jnp.dtype(out_dtype).itemsize), k // pk.TILE_K)
             got = ternary_matmul_mgpu(codes, wp, scale, step=step, bias=b, out_dtype=out_dtype, config=cfg)
             assert rel(got, ref8) < (1e-5 if out_dtype == jnp.float32 else 4e-3), cfg
 
